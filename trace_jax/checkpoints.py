@@ -1,0 +1,129 @@
+"""A model directory on disk: orbax params + ``config.json`` (+ optional tokenizer files).
+
+    DIR/
+      config.json          CLIPConfig.to_json() plus {"format": "trace_jax.model", "source": ...}
+      params/              orbax StandardCheckpointer checkpoint of the float32 params tree
+      tokenizer/           optional: vocab.json + merges.txt (CLIP BPE) or words.json (word-level)
+
+Loading checks the stored tree against the tree the config's model expects and refuses any
+missing, unexpected or mis-shaped entry with a message that lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from trace_jax.models.config import CLIPConfig
+
+FORMAT = "trace_jax.model"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}/{k}" if prefix else str(k)
+    if isinstance(v, dict):
+      out.update(flatten(v, key))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  tree: dict = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def expected_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
+  """{'visual/conv1': shape, ...} for the model this config builds (no compute)."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from trace_jax.models import build
+  model = build(cfg)
+  s = cfg.vision.image_size
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3)), jnp.zeros((1, cfg.text.context_length), jnp.int32))["params"]))
+  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
+
+
+def check_params(params: dict, cfg: CLIPConfig, what: str = "checkpoint") -> None:
+  """Raise ValueError listing missing / unexpected / mis-shaped parameters."""
+  want = expected_shapes(cfg)
+  have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  wrong = sorted(f"{k}: {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
+  if missing or unexpected or wrong:
+    lines = [f"{what} does not match the model config:"]
+    if missing:
+      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+    if wrong:
+      lines.append(f"  mis-shaped keys ({len(wrong)}): " + "; ".join(wrong))
+    raise ValueError("\n".join(lines))
+
+
+def save_model(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
+               tokenizer_files: dict[str, str] | None = None) -> str:
+  """Write params (orbax) + config.json atomically enough: config last, so a half-written dir fails to load."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  check_params(params, cfg, "params to save")
+  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(directory, "params"), params, force=True)
+  ckpt.wait_until_finished()
+  if tokenizer_files:
+    tok_dir = os.path.join(directory, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    for name, content_path in tokenizer_files.items():
+      with open(content_path, "rb") as src, open(os.path.join(tok_dir, name), "wb") as dst:
+        dst.write(src.read())
+  meta = cfg.to_dict()
+  meta["format"] = FORMAT
+  meta["source"] = source
+  tmp = os.path.join(directory, "config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(directory, "config.json"))
+  return directory
+
+
+def load_config(directory: str) -> CLIPConfig:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{directory} is not a trace_jax model directory: {path} is missing "
+                            f"(create one with `trace-jax convert`)")
+  with open(path) as f:
+    meta = json.load(f)
+  if meta.pop("format", None) != FORMAT:
+    raise ValueError(f"{path}: not a {FORMAT} config")
+  meta.pop("source", None)
+  return CLIPConfig.from_dict(meta)
+
+
+def load_model(directory: str) -> tuple[CLIPConfig, dict]:
+  """(config, float32 params) from a model directory, validated against the config."""
+  import orbax.checkpoint as ocp
+  cfg = load_config(directory)
+  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"))
+  params = jax.tree.map(np.asarray, params)
+  check_params(params, cfg, f"checkpoint {directory}")
+  return cfg, params
+
+
+def tokenizer_dir(directory: str) -> str | None:
+  d = os.path.join(directory, "tokenizer")
+  return d if os.path.isdir(d) else None

@@ -1,0 +1,165 @@
+"""CLIP-style dual encoder (ViT image tower + causal text transformer) as linen modules.
+
+Conventions (match OpenAI CLIP / open_clip 2.23.0 / HF ``CLIPModel`` so that converted weights
+give the same numbers, see tests/test_convert_parity.py):
+
+* images are NHWC float32 (already normalised), or a single HWC image (e.g. under ``vmap``);
+* token ids are ``[B, L]`` (or ``[L]``) with ``L <= context_length``; the text is pooled at the
+  end-of-text token: ``argmax(ids)`` (OpenAI / open_clip, EOT = highest id) or the first
+  ``eos_token_id`` (HF, ``text_pool='eos'``);
+* every call returns ``(outputs, aux)``; ``aux['blocks'][i]`` holds block i's attention
+  probabilities ``attn [.., heads, N, N]`` and output ``tokens [.., N, width]``; both are also
+  ``perturb``-ed (see ``trace_jax.models.perturbations``) so gradients w.r.t. them can be taken.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trace_jax.models import posemb
+from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from trace_jax.models.layers import LayerNorm, Transformer, part
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def check_images(images: jax.Array, cfg: VisionConfig) -> None:
+  """Static shape checks with messages that name the problem."""
+  if images.ndim not in (3, 4):
+    raise ValueError(f"images must be NHWC [batch, height, width, 3] or a single HWC image; "
+                     f"got rank {images.ndim} with shape {tuple(images.shape)}")
+  h, w, c = images.shape[-3:]
+  if c != 3:
+    raise ValueError(f"images must have 3 channels last (NHWC); got shape {tuple(images.shape)}")
+  p = cfg.patch_size
+  if h % p or w % p or h < p or w < p:
+    raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size {p} "
+                     f"(the model was trained at {cfg.image_size}x{cfg.image_size})")
+
+
+class VisionTransformer(nn.Module):
+  cfg: VisionConfig
+  embed_dim: int
+  act: str = "quick_gelu"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.cfg
+    w = c.width
+    self.conv1 = self.param("conv1", part(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                            (c.patch_size, c.patch_size, 3, w), jnp.float32)
+    self.class_embedding = self.param("class_embedding", part(nn.initializers.normal(w ** -0.5), ("embed",)),
+                                      (w,), jnp.float32)
+    n = (c.image_size // c.patch_size) ** 2 + 1
+    self.positional_embedding = self.param(
+        "positional_embedding", part(nn.initializers.normal(w ** -0.5), (None, "embed")), (n, w), jnp.float32)
+    self.ln_pre = LayerNorm(self.dtype)
+    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype)
+    self.ln_post = LayerNorm(self.dtype)
+    self.proj = self.param("proj", part(nn.initializers.normal(w ** -0.5), ("embed", None)),
+                           (w, self.embed_dim), jnp.float32)
+
+  def embed_patches(self, images, pos_interp: str | None = None):
+    """[.., H, W, 3] -> tokens [.., 1 + gh*gw, width] (class token first, position added)."""
+    check_images(images, self.cfg)
+    p = self.cfg.patch_size
+    *lead, h, w, ch = images.shape
+    gh, gw = h // p, w // p
+    x = images.astype(self.dtype).reshape(*lead, gh, p, gw, p, ch)
+    x = jnp.einsum("...hpwqc,pqcd->...hwd", x, self.conv1.astype(self.dtype))
+    x = x.reshape(*lead, gh * gw, self.cfg.width)
+    cls = jnp.broadcast_to(self.class_embedding.astype(self.dtype), (*lead, 1, self.cfg.width))
+    x = jnp.concatenate([cls, x], axis=-2)
+    pos = posemb.resample_pos_embed(self.positional_embedding, (gh, gw), 1,
+                                    pos_interp or self.cfg.pos_interp)
+    return x + pos.astype(self.dtype)
+
+  def project(self, pooled):
+    """ln_post then projection: [.., width] -> [.., embed] (un-normalised)."""
+    return (self.ln_post(pooled) @ self.proj.astype(self.dtype)).astype(jnp.float32)
+
+  def __call__(self, images, pos_interp: str | None = None):
+    x = self.ln_pre(self.embed_patches(images, pos_interp))
+    x, blocks = self.transformer(x)
+    emb = self.project(x[..., 0, :])
+    return emb, {"blocks": blocks, "tokens": x}
+
+
+class TextTransformer(nn.Module):
+  cfg: TextConfig
+  embed_dim: int
+  act: str = "quick_gelu"
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.cfg
+    self.token_embedding = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
+                                    embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.positional_embedding = self.param(
+        "positional_embedding", part(nn.initializers.normal(0.01), (None, "embed")),
+        (c.context_length, c.width), jnp.float32)
+    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype)
+    self.ln_final = LayerNorm(self.dtype)
+    self.text_projection = self.param(
+        "text_projection", part(nn.initializers.normal(c.width ** -0.5), ("embed", None)),
+        (c.width, self.embed_dim), jnp.float32)
+
+  def eot_index(self, ids):
+    if self.cfg.pool == "argmax":
+      return jnp.argmax(ids, axis=-1)
+    return jnp.argmax(ids == self.cfg.eos_token_id, axis=-1)  # first occurrence, as HF
+
+  def __call__(self, ids):
+    if ids.ndim not in (1, 2):
+      raise ValueError(f"token ids must be [batch, length] or [length]; got shape {tuple(ids.shape)}")
+    n = ids.shape[-1]
+    if n > self.cfg.context_length:
+      raise ValueError(f"text of {n} tokens is longer than the context length "
+                       f"{self.cfg.context_length}; tokenize with truncation")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
+    x = self.token_embedding(ids) + self.positional_embedding[:n].astype(self.dtype)
+    causal = jnp.tril(jnp.ones((n, n), bool))
+    x, blocks = self.transformer(x, causal)
+    x = self.ln_final(x)
+    eot = self.eot_index(ids)
+    pooled = jnp.take_along_axis(x, eot[..., None, None], axis=-2)[..., 0, :]
+    emb = (pooled @ self.text_projection.astype(self.dtype)).astype(jnp.float32)
+    return emb, {"blocks": blocks, "tokens": x, "eot": eot}
+
+
+def l2_normalize(x, axis=-1, eps=1e-12):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+class CLIP(nn.Module):
+  """Dual encoder. ``__call__(images, ids) -> (out, aux)`` with HF ``CLIPModel`` names."""
+  cfg: CLIPConfig
+
+  def setup(self):
+    c = self.cfg
+    dt = _dtype(c.dtype)
+    self.visual = VisionTransformer(c.vision, c.embed_dim, c.act, dt)
+    self.text = TextTransformer(c.text, c.embed_dim, c.act, dt)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32)
+
+  def encode_image(self, images, pos_interp: str | None = None):
+    return self.visual(images, pos_interp)
+
+  def encode_text(self, ids):
+    return self.text(ids)
+
+  def __call__(self, images, ids, pos_interp: str | None = None):
+    img, img_aux = self.visual(images, pos_interp)
+    txt, txt_aux = self.text(ids)
+    img_n, txt_n = l2_normalize(img), l2_normalize(txt)
+    scale = jnp.exp(self.logit_scale)
+    logits = scale * (img_n @ txt_n.T)  # [B, T]; [T] / scalar for unbatched inputs
+    out = {"image_embeds": img_n, "text_embeds": txt_n, "logits_per_image": logits,
+           "logit_scale": scale}
+    return out, {"image": img_aux, "text": txt_aux}

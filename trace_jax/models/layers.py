@@ -1,0 +1,129 @@
+"""Transformer building blocks shared by the CLIP towers.
+
+Every block returns ``(x, aux)`` where ``aux = {'attn': probs [.., heads, N, N], 'tokens': x}``
+(big_vision style) and also passes both through ``self.perturb`` so that a caller can take
+``jax.grad`` with respect to them (see ``trace_jax.models.perturbations``). With no
+``'perturbations'`` collection in the variables ``perturb`` is the identity, so the forward
+numerics are unchanged.
+
+Parameter logical axes (mapped to a mesh in ``trace_jax/training/sharding.py``):
+``embed`` (model width), ``mlp`` (MLP hidden), ``heads``, ``kv`` (head dim), ``vocab``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+LN_EPS = 1e-5  # torch nn.LayerNorm default; flax's 1e-6 drifts ~1e-4 (notes/crate.md pitfalls)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)  # torch nn.GELU() / HF "gelu" are the erf form
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def part(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm in float32 (like open_clip's LayerNorm for low precision), cast back."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+                     scale_init=part(nn.initializers.ones, ("embed",)),
+                     bias_init=part(nn.initializers.zeros, ("embed",)), name="ln")(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Softmax attention with explicit probabilities (needed for attribution).
+
+  q, k, v: DenseGeneral kernels [embed, heads, kv]; out: [heads, kv, embed]. The head index is
+  the outer factor of the feature axis, as in torch MHA / HF CLIP.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
+    hd = width // self.num_heads
+    init = nn.initializers.normal(width ** -0.5)
+    proj = lambda name: nn.DenseGeneral(
+        (self.num_heads, hd), dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=part(init, ("embed", "heads", "kv")),
+        bias_init=part(nn.initializers.zeros, ("heads", "kv")))
+    q = proj("query")(x) * (hd ** -0.5)  # scale q before the product, as torch MHA and HF do
+    k = proj("key")(x)
+    v = proj("value")(x)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = self.perturb("attn", probs)
+    out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
+    out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
+                          kernel_init=part(init, ("heads", "kv", "embed")),
+                          bias_init=part(nn.initializers.zeros, ("embed",)))(out)
+    return out, probs
+
+
+class ResidualAttentionBlock(nn.Module):
+  """x + attn(ln_1(x)); x + mlp(ln_2(x)) — open_clip / OpenAI / HF CLIP block."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    width = x.shape[-1]
+    y, probs = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
+        LayerNorm(self.dtype, name="ln_1")(x), mask)
+    x = x + y
+    h = LayerNorm(self.dtype, name="ln_2")(x)
+    hidden = int(width * self.mlp_ratio)
+    h = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_fc",
+                 kernel_init=part(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
+                 bias_init=part(nn.initializers.zeros, ("mlp",)))(h)
+    h = ACTIVATIONS[self.act](h)
+    h = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_proj",
+                 kernel_init=part(nn.initializers.normal(hidden ** -0.5), ("mlp", "embed")),
+                 bias_init=part(nn.initializers.zeros, ("embed",)))(h)
+    x = x + h
+    x = self.perturb("tokens", x)
+    return x, {"attn": probs, "tokens": x}
+
+
+class Transformer(nn.Module):
+  """A stack of blocks named ``block_{i}``; returns (x, [aux_0, ..., aux_{L-1}])."""
+  layers: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  act: str = "quick_gelu"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    auxes = []
+    for i in range(self.layers):
+      x, aux = ResidualAttentionBlock(self.num_heads, self.mlp_ratio, self.act, self.dtype,
+                                      name=f"block_{i}")(x, mask)
+      auxes.append(aux)
+    return x, auxes
