@@ -13,6 +13,8 @@ COMMANDS = {
     # name: (module, one-line help)
     "convert": ("trace_jax.convert.cli", "convert PyTorch / safetensors weights to a trace_jax model dir"),
     "embed": ("trace_jax.embed", "image / text embeddings and logits of a model dir (npz)"),
+    "explain": ("trace_jax.attribution.cli", "attribution heatmaps (legrad, gradcam, rollout, chefer, saliency, rise, m2ib)"),
+    "invert": ("trace_jax.inversion.cli", "MaskInversion: localized embeddings for masks"),
 }
 
 
