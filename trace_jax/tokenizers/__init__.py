@@ -1,0 +1,96 @@
+"""Tokenizers: CLIP byte-level BPE (transformers / openai parity) and a word-level one for synthetic data.
+
+``load_tokenizer(model_dir)`` finds the tokenizer files of a model directory (checkpoints.py layout:
+``model_dir/tokenizer/``), in this order: ``words.json`` (WordTokenizer), ``vocab.json`` + ``merges.txt``
+(CLIP BPE, Hugging Face layout), one ``*.txt.gz`` (OpenAI-style BPE merges).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from trace_jax.tokenizers.clip_bpe import (DEFAULT_CONTEXT_LENGTH, EOT, OPTIONS_FILE, SOT,
+                                           CLIPTokenizer, bytes_to_unicode)
+from trace_jax.tokenizers.word import WORDS_FILE, WordTokenizer, build_vocab, split_words
+
+__all__ = ["CLIPTokenizer", "WordTokenizer", "build_vocab", "split_words", "load_tokenizer",
+           "bytes_to_unicode", "SOT", "EOT", "DEFAULT_CONTEXT_LENGTH"]
+
+_EXPECTED = f"{WORDS_FILE}, vocab.json + merges.txt, or an OpenAI-style *.txt.gz BPE file"
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return data
+
+
+def _model_context_length(model_dir: str) -> int | None:
+  """text.context_length from the model's config.json (the length its position table allows), if any."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  ctx = _read_json(path).get("text", {})
+  ctx = ctx.get("context_length") if isinstance(ctx, dict) else None
+  return ctx if isinstance(ctx, int) else None
+
+
+def _tokenizer_files_dir(model_dir: str) -> str:
+  sub = os.path.join(model_dir, "tokenizer")
+  if os.path.isdir(sub):
+    return sub
+  # Also accept a bare tokenizer directory.
+  if os.path.isdir(model_dir) and (
+      any(os.path.isfile(os.path.join(model_dir, n)) for n in (WORDS_FILE, "vocab.json", "merges.txt"))
+      or glob.glob(os.path.join(model_dir, "*.txt.gz"))):
+    return model_dir
+  raise FileNotFoundError(f"{model_dir}: no tokenizer directory {sub} (expected {_EXPECTED} in it)")
+
+
+def load_tokenizer(model_dir: str, context_length: int | None = None
+                   ) -> CLIPTokenizer | WordTokenizer:
+  """The tokenizer stored with a model directory (or a bare tokenizer directory).
+
+  context_length: explicit argument, else the model's ``config.json`` ``text.context_length``, else
+  the tokenizer files' own value (``words.json`` / ``trace_jax_tokenizer.json``), else 77.
+  Raises FileNotFoundError when no tokenizer files are present and ValueError naming the file when one
+  does not parse.
+  """
+  d = _tokenizer_files_dir(model_dir)
+  ctx = context_length if context_length is not None else _model_context_length(model_dir)
+  words = os.path.join(d, WORDS_FILE)
+  if os.path.isfile(words):
+    tok = WordTokenizer.load(words)
+    if ctx is not None:
+      tok.context_length = int(ctx)
+    return tok
+
+  kwargs = {}
+  opts_path = os.path.join(d, OPTIONS_FILE)
+  if os.path.isfile(opts_path):
+    opts = _read_json(opts_path)
+    unknown = set(opts) - {"type", "context_length", "pad_id", "clean"}
+    if unknown or opts.get("type", "clip_bpe") != "clip_bpe":
+      raise ValueError(f"{opts_path}: unexpected entries {sorted(unknown) or opts.get('type')!r}")
+    kwargs = {k: opts[k] for k in ("context_length", "pad_id", "clean") if k in opts}
+  if ctx is not None:
+    kwargs["context_length"] = int(ctx)
+
+  vocab, merges = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+  if os.path.isfile(vocab) or os.path.isfile(merges):
+    missing = [p for p in (vocab, merges) if not os.path.isfile(p)]
+    if missing:
+      raise FileNotFoundError(f"{d}: CLIP BPE needs vocab.json and merges.txt; {missing[0]} is missing")
+    return CLIPTokenizer.from_files(vocab, merges, **kwargs)
+  gz = sorted(glob.glob(os.path.join(d, "*.txt.gz")))
+  if len(gz) > 1:
+    raise ValueError(f"{d}: several BPE files, cannot choose: {[os.path.basename(g) for g in gz]}")
+  if gz:
+    return CLIPTokenizer.from_bpe_gz(gz[0], **kwargs)
+  raise FileNotFoundError(f"{d}: no tokenizer files (expected {_EXPECTED})")
