@@ -144,7 +144,13 @@ class CLIP(nn.Module):
   def setup(self):
     c = self.cfg
     dt = _dtype(c.dtype)
-    self.visual = VisionTransformer(c.vision, c.embed_dim, c.act, dt)
+    if c.vision.kind == "crate":  # CRATE white-box image tower (trace_jax/models/crate.py)
+      from trace_jax.models.crate import CrateVision, crate_config_from_clip
+      self.visual = CrateVision(crate_config_from_clip(c), dt, embed_dim=c.embed_dim)
+    elif c.vision.kind == "vit":
+      self.visual = VisionTransformer(c.vision, c.embed_dim, c.act, dt)
+    else:
+      raise ValueError(f"unknown image tower kind {c.vision.kind!r}; expected 'vit' or 'crate'")
     self.text = TextTransformer(c.text, c.embed_dim, c.act, dt)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32)
 

@@ -106,5 +106,9 @@ NAMED: dict[str, CLIPConfig] = {
 
 def get_config(name: str) -> CLIPConfig:
   if name not in NAMED:
-    raise ValueError(f"unknown model config {name!r}; known: {sorted(NAMED)}")
+    from trace_jax.models import crate  # the 'crate-clip-*' presets live beside the CRATE model
+    if name in crate.NAMED:
+      return crate.NAMED[name]
+    known = sorted(NAMED) + sorted(crate.NAMED)
+    raise ValueError(f"unknown model config {name!r}; known: {known}")
   return NAMED[name]

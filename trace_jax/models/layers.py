@@ -43,7 +43,7 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
                      scale_init=part(nn.initializers.ones, ("embed",)),
                      bias_init=part(nn.initializers.zeros, ("embed",)), name="ln")(x.astype(jnp.float32))
     return y.astype(self.dtype)
