@@ -1,0 +1,236 @@
+"""Shared helpers of the weight converters: reading state dicts, checking source keys, layout maps.
+
+A *state dict* here is ``{source_key: float32 np.ndarray}``. safetensors files are read with
+``safetensors.numpy`` (no torch); torch is imported lazily and only for ``.pt`` / ``.pth`` /
+``.bin`` files (notes/checkpoint-formats.md).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Iterable, Mapping
+
+import numpy as np
+
+# Non-parameter entries that some checkpoints carry (notes/checkpoint-formats.md): OpenAI's
+# TorchScript attributes, HF's position_ids buffers, open_clip's (normally non-persistent) masks.
+IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|input_resolution|context_length|vocab_size|attn_mask)$")
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def _to_f32(a) -> np.ndarray:
+  a = np.asarray(a)
+  if a.dtype.kind not in "fiub" and a.dtype.name != "bfloat16":
+    raise ValueError(f"unsupported tensor dtype {a.dtype}")
+  return a.astype(np.float32)
+
+
+def load_safetensors(path: str) -> dict[str, np.ndarray]:
+  """{key: float32 array} of a .safetensors file, without torch."""
+  from safetensors import safe_open
+  out = {}
+  with safe_open(path, framework="numpy") as f:
+    for k in f.keys():
+      out[k] = _to_f32(f.get_tensor(k))
+  return out
+
+
+def _torch_to_numpy(sd) -> dict[str, np.ndarray]:
+  import torch
+  out = {}
+  for k, v in sd.items():
+    if isinstance(v, torch.Tensor):
+      out[k] = v.detach().to("cpu", torch.float32).numpy().copy()
+    elif isinstance(v, (int, float)):
+      out[k] = np.asarray(v, np.float32)  # OpenAI archives store input_resolution etc. as ints
+  return out
+
+
+def load_torch(path: str) -> dict[str, np.ndarray]:
+  """{key: float32 array} of a TorchScript archive (``torch.jit.load(...).state_dict()``, OpenAI's
+  ``clip.load`` files) or a pickled state dict (``torch.load``; ``{'state_dict': ...}`` wrappers and
+  DataParallel ``module.`` prefixes are unwrapped). fp16 / bf16 -> float32."""
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"reading {path} needs torch (only .safetensors files load without it)") from e
+  sd = None
+  try:
+    sd = torch.jit.load(path, map_location="cpu").state_dict()
+  except Exception:  # not a TorchScript archive: a plain pickled state dict
+    pass
+  if sd is None:
+    try:
+      sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+      raise ValueError(f"{path}: neither a TorchScript archive nor a torch state dict ({e})") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+      sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+      raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(sd).__name__}")
+  sd = dict(sd)
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  return _torch_to_numpy(sd)
+
+
+def load_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Dispatch on the file name: .safetensors -> numpy reader, torch formats -> torch."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file {path} does not exist")
+  if path.endswith(".safetensors"):
+    return load_safetensors(path)
+  if path.endswith(TORCH_SUFFIXES):
+    return load_torch(path)
+  raise ValueError(f"{path}: unknown checkpoint file type; expected .safetensors, .pt, .pth or .bin")
+
+
+def drop_ignored(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: v for k, v in sd.items() if not IGNORED_KEYS.search(k)}
+
+
+def check_source(sd: Mapping[str, np.ndarray], want: Mapping[str, tuple[int, ...]], what: str) -> None:
+  """Refuse a source state dict whose keys / shapes differ from ``want``; names the source keys.
+
+  A scalar stored as shape [1] (or vice versa) is accepted. Known buffers are ignored.
+  """
+  have = {k: tuple(np.shape(v)) for k, v in drop_ignored(sd).items()}
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  wrong = sorted(f"{k}: {have[k]} != expected {tuple(want[k])}" for k in set(want) & set(have)
+                 if have[k] != tuple(want[k]) and not (int(np.prod(have[k])) == 1 == int(np.prod(want[k]))))
+  if missing or unexpected or wrong:
+    lines = [f"{what} does not match the model it describes:"]
+    if missing:
+      lines.append(f"  missing keys ({len(missing)}): " + _some(missing, ", "))
+    if unexpected:
+      lines.append(f"  unexpected keys ({len(unexpected)}): " + _some(unexpected, ", "))
+    if wrong:
+      lines.append(f"  mis-shaped keys ({len(wrong)}): " + _some(wrong, "; "))
+    if len(missing) > len(want) // 2:
+      lines.append("  (most expected keys are absent: is this the right --from layout / --model-name?)")
+    raise ValueError("\n".join(lines))
+
+
+def _some(items: list[str], sep: str, limit: int = 40) -> str:
+  more = f"{sep}... and {len(items) - limit} more" if len(items) > limit else ""
+  return sep.join(items[:limit]) + more
+
+
+# ---------------------------------------------------------------------------------------------
+# torch layout -> our Flax layout (trace_jax/models/layers.py)
+
+def linear(w: np.ndarray) -> np.ndarray:
+  """torch Linear weight [out, in] -> Dense kernel [in, out]."""
+  return np.ascontiguousarray(w.T)
+
+
+def qkv_kernel(w: np.ndarray, heads: int) -> np.ndarray:
+  """torch Linear weight [W, W] of q, k or v -> DenseGeneral kernel [W, heads, hd].
+
+  The output feature index is ``head * hd + d`` (head outer), as torch MHA and HF CLIP reshape it."""
+  out, width = w.shape
+  return np.ascontiguousarray(w.T.reshape(width, heads, out // heads))
+
+
+def qkv_bias(b: np.ndarray, heads: int) -> np.ndarray:
+  return b.reshape(heads, b.shape[0] // heads)
+
+
+def out_kernel(w: np.ndarray, heads: int) -> np.ndarray:
+  """torch out_proj weight [W, W] (input index head*hd + d) -> DenseGeneral kernel [heads, hd, W]."""
+  out, width = w.shape
+  return np.ascontiguousarray(w.T.reshape(heads, width // heads, out))
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+  """torch Conv2d weight [W, 3, p, p] (OIHW) -> our patch-embedding kernel [p, p, 3, W] (HWIO)."""
+  return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def ln(weight: np.ndarray, bias: np.ndarray) -> dict:
+  """torch LayerNorm -> our LayerNorm wrapper's params (``{'ln': {'scale', 'bias'}}``)."""
+  return {"ln": {"scale": weight, "bias": bias}}
+
+
+def block_params(get, heads: int, names: Mapping[str, str]) -> dict:
+  """One transformer block from ``get(name) -> array`` given the source names of its parts.
+
+  ``names`` keys: ln_1, ln_2 (prefixes with .weight/.bias), and either ``in_proj`` (fused q|k|v
+  rows, torch MHA) or ``q``, ``k``, ``v`` (separate Linear prefixes), ``out``, ``fc``, ``proj``."""
+  p = {"ln_1": ln(get(names["ln_1"] + ".weight"), get(names["ln_1"] + ".bias")),
+       "ln_2": ln(get(names["ln_2"] + ".weight"), get(names["ln_2"] + ".bias"))}
+  if "in_proj" in names:
+    w = get(names["in_proj"] + "_weight")
+    b = get(names["in_proj"] + "_bias")
+    ws, bs = np.split(w, 3, axis=0), np.split(b, 3, axis=0)  # rows q | k | v
+  else:
+    ws = [get(names[n] + ".weight") for n in "qkv"]
+    bs = [get(names[n] + ".bias") for n in "qkv"]
+  attn = {n: {"kernel": qkv_kernel(w, heads), "bias": qkv_bias(b, heads)}
+          for n, w, b in zip(("query", "key", "value"), ws, bs)}
+  attn["out"] = {"kernel": out_kernel(get(names["out"] + ".weight"), heads), "bias": get(names["out"] + ".bias")}
+  p["attn"] = attn
+  p["mlp_fc"] = {"kernel": linear(get(names["fc"] + ".weight")), "bias": get(names["fc"] + ".bias")}
+  p["mlp_proj"] = {"kernel": linear(get(names["proj"] + ".weight")), "bias": get(names["proj"] + ".bias")}
+  return p
+
+
+def getter(sd: Mapping[str, np.ndarray]):
+  def get(k):
+    return np.asarray(sd[k], np.float32)
+  return get
+
+
+def count_layers(keys: Iterable[str], prefix: str) -> int:
+  """Number of distinct ``prefix{i}.`` indices among the keys."""
+  idx = set()
+  for k in keys:
+    if k.startswith(prefix):
+      head = k[len(prefix):].split(".", 1)[0]
+      if head.isdigit():
+        idx.add(int(head))
+  if idx and idx != set(range(len(idx))):
+    raise ValueError(f"layer indices under {prefix!r} are not contiguous: {sorted(idx)}")
+  return len(idx)
+
+
+def mlp_ratio(hidden: int, width: int) -> float:
+  r = hidden / width
+  if int(width * r) != hidden:
+    raise ValueError(f"MLP hidden size {hidden} is not representable as width {width} * ratio")
+  return r
+
+
+def finalize(params: dict, cfg, what: str) -> dict:
+  """Final check of the converted tree against the tree the config's model expects."""
+  from trace_jax.checkpoints import check_params
+  check_params(params, cfg, f"converted {what}")
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer files shipped with a converted model
+
+def bpe_files(bpe: str | None) -> dict[str, str]:
+  """``{'bpe_simple_vocab_16e6.txt.gz': path}`` for OpenAI / open_clip checkpoints: the file given
+  with ``--bpe``, else the one packaged with open_clip if it is importable, else {}."""
+  if bpe:
+    if not os.path.isfile(bpe):
+      raise FileNotFoundError(f"--bpe file {bpe} does not exist")
+    name = os.path.basename(bpe)
+    if not name.endswith(".txt.gz"):
+      name = "bpe_simple_vocab_16e6.txt.gz"
+    return {name: bpe}
+  try:
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+  except (ImportError, ValueError):
+    spec = None
+  if spec and spec.submodule_search_locations:
+    for loc in spec.submodule_search_locations:
+      path = os.path.join(loc, "bpe_simple_vocab_16e6.txt.gz")
+      if os.path.isfile(path):
+        return {"bpe_simple_vocab_16e6.txt.gz": path}
+  return {}

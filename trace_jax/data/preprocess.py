@@ -1,0 +1,54 @@
+"""Image preprocessing with PIL -> float32 NHWC, normalised with OpenAI CLIP's mean / std.
+
+Two resize modes:
+
+* ``'crop'`` (CLIP / open_clip default): resize the shortest side to ``size`` (bicubic), centre
+  crop ``size x size``.
+* ``'squash'``: ``Resize((size, size), BICUBIC)`` with no crop — LeGrad / MaskInversion's
+  ``LePreprocess`` (notes/legrad-maskinversion.md, "Other resolutions").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+# OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / STD, HF CLIPImageProcessor).
+MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+MODES = ("crop", "squash")
+
+
+def resize_image(img, size: int, mode: str = "crop"):
+  """PIL image -> RGB PIL image of size x size."""
+  from PIL import Image
+  if mode not in MODES:
+    raise ValueError(f"unknown resize mode {mode!r}; expected one of {MODES}")
+  img = img.convert("RGB")
+  if mode == "squash":
+    return img.resize((size, size), Image.BICUBIC)
+  w, h = img.size
+  # torchvision Resize(int) rounds the long side down (int(size * long / short)).
+  nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  if (nw, nh) != (w, h):
+    img = img.resize((nw, nh), Image.BICUBIC)
+  left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+  return img.crop((left, top, left + size, top + size))
+
+
+def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
+  """[.., H, W, 3] uint8 -> float32 (x / 255 - mean) / std."""
+  return ((np.asarray(rgb_uint8, np.float32) / 255.0) - MEAN) / STD
+
+
+def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarray:
+  """Image files -> float32 [B, size, size, 3] normalised batch."""
+  from PIL import Image
+  out = []
+  for p in paths:
+    try:
+      with Image.open(p) as img:
+        out.append(np.asarray(resize_image(img, size, mode)))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"cannot read image {p}: {e}") from e
+  return normalize(np.stack(out))
