@@ -1,0 +1,180 @@
+"""Attribution timings: trace_jax vs the PyTorch peers, same weights, same machine, one run.
+
+    python benchmarks/attribution.py                       # all registered cases, ViT-B/16-sized model
+    python benchmarks/attribution.py --cases gradcam --model small --n 3   # quick smoke run
+
+Harness: ``timeit`` (warm-up calls, then the median of n timed calls; JAX results are blocked on),
+a registry of cases (``@case('name')`` functions returning ``Row``s) and a markdown ratio table
+(``peer / ours``: > 1 means trace_jax is faster). LeGrad and M2IB cases live beside their methods'
+helpers: add a function decorated with ``@case('legrad')`` here (or in a module imported by
+``--import``) that returns rows.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the PyTorch reference tower of the tests
+
+
+@dataclasses.dataclass
+class Row:
+  case: str
+  setting: str
+  ours_s: float
+  peer_s: float | None
+  peer: str = ""
+  note: str = ""
+
+  @property
+  def ratio(self) -> float | None:
+    return None if self.peer_s is None else self.peer_s / self.ours_s
+
+
+CASES: dict[str, Callable] = {}
+
+
+def case(name: str):
+  """Register ``fn(ctx) -> list[Row]`` under ``name``."""
+  def deco(fn):
+    CASES[name] = fn
+    return fn
+  return deco
+
+
+def block(x):
+  import jax
+  return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+
+
+def timeit(fn: Callable, n: int = 5, warmup: int = 1) -> float:
+  """Median wall time of ``n`` calls after ``warmup`` calls (compilation happens in the warm-up)."""
+  for _ in range(warmup):
+    block(fn())
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    block(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def markdown(rows: list[Row], title: str = "") -> str:
+  lines = [f"### {title}", ""] if title else []
+  lines += ["| case | setting | trace_jax (s) | peer | peer (s) | peer / ours |",
+            "|---|---|---:|---|---:|---:|"]
+  for r in rows:
+    peer = "–" if r.peer_s is None else f"{r.peer_s:.4f}"
+    ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
+    lines.append(f"| {r.case} | {r.setting} | {r.ours_s:.4f} | {r.peer} | {peer} | {ratio} |")
+  return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class Context:
+  """What every case gets: a model + weights shared by both sides, the timing parameters."""
+  model_name: str
+  n: int
+  warmup: int
+  seed: int = 0
+  _cache: dict = dataclasses.field(default_factory=dict)
+
+  def model(self):
+    if "model" not in self._cache:
+      import jax
+      from trace_jax.models import build, get_config, init_params
+      cfg = get_config(self.model_name)
+      self._cache["model"] = (cfg, build(cfg), init_params(cfg, jax.random.PRNGKey(self.seed)))
+    return self._cache["model"]
+
+  def inputs(self, num_images: int, num_texts: int, size: int | None = None):
+    cfg, _, _ = self.model()
+    s = size or cfg.vision.image_size
+    r = np.random.default_rng(self.seed)
+    images = r.normal(size=(num_images, s, s, 3)).astype(np.float32)
+    L = min(cfg.text.context_length, 16)
+    ids = r.integers(1, cfg.text.vocab_size - 2, size=(num_texts, L)).astype(np.int32)
+    ids[:, 8] = cfg.text.vocab_size - 1  # end-of-text (argmax pooling)
+    return images, ids
+
+
+# ----------------------------------------------------------------------------- GradCAM vs grad-cam
+
+
+@case("gradcam")
+def gradcam_case(ctx: Context) -> list[Row]:
+  """AMC-style ViT GradCAM (last block attention, F * relu(G), mean over heads) vs grad-cam's
+  ``GradCAMElementWise`` on the same attention probabilities (the definitions coincide, see
+  tests/test_attribution_methods.py). The peer needs one forward per pair (a batch of repeated images
+  for 1 image x P prompts); trace_jax runs one image forward and vmaps the P backwards."""
+  import jax
+  import torch
+  from pytorch_grad_cam import GradCAMElementWise
+  from test_attribution_methods import CosTarget, torch_visual
+  from trace_jax.attribution import common
+  from trace_jax.attribution.api import explain_fn
+  torch.set_num_threads(2)
+  cfg, model, params = ctx.model()
+  tv = torch_visual(params, cfg, torch)
+  g = cfg.vision.image_size // cfg.vision.patch_size
+  cam = GradCAMElementWise(tv, [tv.blocks[-1].probs],
+                           reshape_transform=lambda x: x[:, :, 0, 1:].reshape(x.shape[0], x.shape[1], g, g))
+  f = explain_fn("gradcam", model)
+  rows = []
+  for setting, ni, nt in (("1 pair", 1, 1), ("1 image x 8 prompts", 1, 8), ("8 pairs", 8, 8)):
+    images, ids = ctx.inputs(ni, nt)
+    txt = np.asarray(common.text_targets(model, params, ids))
+    ours = timeit(lambda: f(params, images, ids), ctx.n, ctx.warmup)
+    x = torch.tensor(images).permute(0, 3, 1, 2).contiguous()
+    if ni == 1 and nt > 1:
+      x = x.expand(nt, -1, -1, -1).contiguous()
+    targets = [CosTarget(t, torch) for t in txt]
+    peer = timeit(lambda: cam(x, targets=targets), ctx.n, ctx.warmup)
+    rows.append(Row("gradcam", f"{setting} @{cfg.vision.image_size}", ours, peer, "grad-cam GradCAMElementWise"))
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--cases", nargs="*", default=None, help=f"default: all registered")
+  p.add_argument("--model", default="ViT-B-16", help="config preset (random weights)")
+  p.add_argument("--n", type=int, default=5, help="timed calls per measurement (median)")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--import", dest="imports", action="append", default=[],
+                 help="extra module(s) that register cases (e.g. benchmarks.attribution_legrad)")
+  p.add_argument("--out", default=None, help="append the markdown table to this file")
+  args = p.parse_args(argv)
+  for m in args.imports:
+    importlib.import_module(m)
+  names = args.cases or list(CASES)
+  unknown = [n for n in names if n not in CASES]
+  if unknown:
+    p.error(f"unknown cases {unknown}; registered: {sorted(CASES)}")
+  import jax
+  ctx = Context(args.model, args.n, args.warmup)
+  rows = []
+  for name in names:
+    rows += CASES[name](ctx)
+  title = (f"{args.model}, random weights, median of {args.n} (warm-up {args.warmup}); "
+           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
+           f"on {jax.devices()[0].platform}")
+  table = markdown(rows, title)
+  print(table)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write(table + "\n\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

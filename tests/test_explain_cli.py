@@ -1,0 +1,144 @@
+"""End-to-end `trace-jax explain` on a tiny saved model with a word-level tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from trace_jax.cli import main
+from trace_jax.models import get_config, init_params
+
+WORDS = ["a", "red", "cube", "blue", "ball", "on", "the", "left"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  from trace_jax.checkpoints import save_model
+  from trace_jax.tokenizers import WordTokenizer
+  root = tmp_path_factory.mktemp("explain")
+  cfg = get_config("tiny")
+  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words.json"))
+  d = save_model(str(root / "model"), params, cfg, source="test", tokenizer_files={"words.json": words})
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+  return root, d
+
+
+def test_explain_single_image_png_and_npz(model_dir):
+  root, d = model_dir
+  out, npz = root / "one.png", root / "one.npz"
+  rc = main(["explain", "--checkpoint", d, "--image", str(root / "img0.png"), "--text", "a red cube",
+             "--method", "gradcam", "--out", str(out), "--out-npz", str(npz)])
+  assert rc == 0
+  from PIL import Image
+  im = np.asarray(Image.open(out))
+  assert im.shape == (32, 32, 3) and im.dtype == np.uint8
+  z = np.load(npz)
+  assert z["grid"].shape == (1, 4, 4) and z["map"].shape == (1, 32, 32) and z["score"].shape == (1,)
+  assert 0 <= z["map"].min() and z["map"].max() <= 1 and np.isfinite(z["map"]).all()
+  assert str(z["method"]) == "gradcam" and list(z["texts"]) == ["a red cube"]
+  # the saved maps are the API's maps for the same inputs
+  from trace_jax.attribution import explain
+  from trace_jax.checkpoints import load_model
+  from trace_jax.data.preprocess import load_images
+  from trace_jax.models import build
+  from trace_jax.tokenizers import load_tokenizer
+  cfg, params = load_model(d)
+  x = load_images([str(root / "img0.png")], 32, "squash")
+  ref = explain("gradcam", build(cfg), params, x, load_tokenizer(d)(["a red cube"]))
+  np.testing.assert_allclose(z["map"], np.asarray(ref["map"]), atol=1e-6)
+  np.testing.assert_allclose(z["score"], np.asarray(ref["score"]), atol=1e-6)
+
+
+def test_explain_pixels_token_ids_several_prompts(model_dir):
+  root, d = model_dir
+  x = np.random.default_rng(1).normal(size=(32, 32, 3)).astype(np.float32)
+  ids = np.zeros((2, 16), np.int32)
+  ids[0, :4] = [10, 2, 3, 11]
+  ids[1, :3] = [10, 5, 11]
+  np.save(root / "x.npy", x)
+  np.save(root / "t.npy", ids)
+  out, npz = root / "many.png", root / "many.npz"
+  rc = main(["explain", "--checkpoint", d, "--pixels", str(root / "x.npy"), "--token-ids", str(root / "t.npy"),
+             "--method", "rollout", "--set", "text=true", "--out", str(out), "--out-npz", str(npz)])
+  assert rc == 0 and out.exists()
+  z = np.load(npz)
+  assert z["map"].shape == (2, 32, 32) and z["text"].shape == (2, 16) and z["raw"].shape == (2, 4, 4)
+  # rollout is text-independent on the image side: both prompts give the same image map
+  np.testing.assert_allclose(z["map"][0], z["map"][1], atol=1e-6)
+
+
+def test_explain_csv_batch_writes_overlays_and_sheet(model_dir):
+  root, d = model_dir
+  csv = root / "pairs.csv"
+  csv.write_text("image,text\nimg0.png,a red cube\nimg1.png,a blue ball\nimg2.png,the cube on the left\n")
+  out_dir = root / "batch"
+  rc = main(["explain", "--checkpoint", d, "--csv", str(csv), "--method", "gradcam", "--out-dir", str(out_dir),
+             "--batch-size", "2"])
+  assert rc == 0
+  pngs = sorted(p for p in os.listdir(out_dir) if p.endswith(".png") and p[0].isdigit())
+  assert pngs == ["0000_img0.png", "0001_img1.png", "0002_img2.png"]
+  assert (out_dir / "contact_sheet.png").exists()
+  z = np.load(out_dir / "maps.npz")
+  assert z["map"].shape == (3, 32, 32) and list(z["texts"]) == ["a red cube", "a blue ball", "the cube on the left"]
+
+
+def test_explain_folder_mode(model_dir):
+  root, d = model_dir
+  folder = root / "imgs"
+  folder.mkdir(exist_ok=True)
+  for i in range(2):
+    (folder / f"im{i}.png").write_bytes((root / f"img{i}.png").read_bytes())
+  sheet = root / "sheet.png"
+  rc = main(["explain", "--checkpoint", d, "--folder", str(folder), "--text", "a cube", "--text", "a ball",
+             "--method", "gradcam", "--out", str(sheet)])
+  assert rc == 0 and sheet.exists()
+  z = np.load(root / "sheet_pairs" / "maps.npz")
+  assert z["map"].shape == (4, 32, 32)
+
+
+def test_explain_cli_errors(model_dir, capsys):
+  root, d = model_dir
+  assert main(["explain", "--checkpoint", d, "--image", str(root / "img0.png"), "--method", "gradcam",
+               "--out", str(root / "e.png")]) == 2
+  assert "give --text or --token-ids" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_explain_m2ib_colours_text_tokens(model_dir):
+  """M2IB: the PNG carries the coloured tokens under the overlay; the npz the token attributions."""
+  root, d = model_dir
+  out, npz = root / "m2ib.png", root / "m2ib.npz"
+  rc = main(["explain", "--checkpoint", d, "--image", str(root / "img0.png"), "--text", "a red cube",
+             "--method", "m2ib", "--set", "layer=0", "--set", "steps=2", "--set", "samples=2",
+             "--out", str(out), "--out-npz", str(npz)])
+  assert rc == 0
+  from PIL import Image
+  im = np.asarray(Image.open(out))
+  assert im.shape[0] > 32 and im.shape[1] >= 32  # overlay + token strip below it
+  z = np.load(npz)
+  assert z["map"].shape == (1, 32, 32) and z["text"].ndim == 2 and np.isfinite(z["text"]).all()
+
+
+def test_overlay_helpers():
+  from trace_jax.utils import overlay as ov
+  img = np.zeros((20, 30, 3), np.uint8)
+  heat = np.linspace(0, 1, 6 * 5).reshape(5, 6)
+  o = ov.overlay(img, heat, alpha=1.0)
+  assert o.shape == (20, 30, 3)
+  np.testing.assert_array_equal(o[0, 0], ov.colorize(np.zeros((1, 1)))[0, 0])  # 0 -> colormap's low end
+  sheet = ov.contact_sheet([o, o, o], ["a", "b", "c"], cols=2, gap=4)
+  assert sheet.shape[1] == 2 * 30 + 3 * 4 and sheet.shape[0] > 2 * 20
+  strip = ov.text_tokens_image(["a", "red", "cube"], [0.0, 1.0, 0.5], width=200)
+  assert strip.shape[1] == 200 and strip.dtype == np.uint8
+  with pytest.raises(ValueError, match="3 tokens but 2 scores"):
+    ov.text_tokens_image(["a", "b", "c"], [0.1, 0.2])
+  px = (np.asarray([255, 0, 128], np.float32) / 255 - ov.MEAN) / ov.STD
+  np.testing.assert_array_equal(ov.denormalize(px), [255, 0, 128])

@@ -1,0 +1,287 @@
+"""``trace-jax explain``: attribution heatmaps of a model directory.
+
+Single image (one or several prompts on it -> one image forward for the methods that allow it):
+
+    trace-jax explain --checkpoint DIR --image cat.jpg --text "a cat" [--text "a dog"] \\
+        --method legrad --out heat.png [--out-npz maps.npz]
+    trace-jax explain --checkpoint DIR --pixels x.npy --token-ids t.npy --method gradcam --out heat.png
+
+Batch: ``--csv FILE`` (rows ``image,text``; a header row ``image,text`` is optional) or
+``--folder DIR`` with ``--text`` (every image x every text) writes one overlay per pair into
+``--out-dir`` plus ``contact_sheet.png`` and ``maps.npz``.
+
+The npz holds ``grid`` [P, gh, gw], ``map`` [P, H, W] (both in [0, 1]), ``score`` [P], the raw grid
+when the method has one, ``text`` [P, L] token attributions when the method has them (M2IB; rollout /
+Chefer with ``--set text=true``), ``texts``, ``images`` and ``method``.
+Method settings: ``--set KEY=VALUE`` (VALUE parsed as JSON when it parses: ``--set layer=-2``,
+``--set relu_grad=false``, ``--set layers=[8,9,10,11]``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  from trace_jax.attribution.api import METHODS
+  parser.add_argument("--checkpoint", required=True, help="trace_jax model directory (trace-jax convert)")
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--image", help="image file (resized to the model's input size)")
+  src.add_argument("--pixels", help=".npy of normalised pixels [H, W, 3] or [B, H, W, 3] (used as given)")
+  src.add_argument("--csv", help="batch mode: CSV with image,text rows (image paths relative to the CSV)")
+  src.add_argument("--folder", help="batch mode: a folder of images, each paired with every --text")
+  parser.add_argument("--text", action="append", default=None, help="prompt (repeat for several)")
+  parser.add_argument("--token-ids", help=".npy of int token ids [L] or [T, L] instead of --text")
+  parser.add_argument("--method", default="legrad", choices=METHODS)
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="method setting (repeatable), e.g. layer=-2, relu_grad=false, num_masks=1024")
+  parser.add_argument("--out", help="PNG overlay (single mode; in batch mode: the contact sheet path)")
+  parser.add_argument("--out-npz", help="npz with the raw maps and scores")
+  parser.add_argument("--out-dir", help="batch mode: folder for the per-pair overlays (default: beside --out)")
+  parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
+  parser.add_argument("--resize", default="squash", choices=("crop", "squash"),
+                      help="squash = Resize((s, s)) as LeGrad / MaskInversion (default); crop = CLIP's")
+  parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay")
+  parser.add_argument("--batch-size", type=int, default=8, help="batch mode: pairs per forward")
+
+
+def parse_settings(items) -> dict:
+  out = {}
+  for item in items:
+    if "=" not in item:
+      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    k, v = item.split("=", 1)
+    k = k.strip().replace("-", "_")
+    try:
+      val = json.loads(v)
+    except json.JSONDecodeError:
+      val = v
+    out[k] = tuple(val) if isinstance(val, list) else val
+  return out
+
+
+def _tokenize(tok, texts, ctx):
+  ids = np.asarray(tok(list(texts)), np.int32)
+  if ids.shape[1] > ctx:
+    raise ValueError(f"tokenizer made rows of {ids.shape[1]} tokens; the model's context is {ctx}")
+  return ids
+
+
+def _token_strings(tok, text, ids_row) -> list[str]:
+  """Strings of the tokens at row positions 1..eot-1 (between start and end tokens)."""
+  eot = int(np.argmax(ids_row))
+  n = max(eot - 1, 0)
+  if tok is not None and text is not None:
+    if hasattr(tok, "tokens_of"):
+      s = [t.strip() or "·" for t in tok.tokens_of(text)]
+    elif hasattr(tok, "words_of"):
+      s = list(tok.words_of(text))
+    else:
+      s = []
+    if len(s) >= n:
+      return s[:n]
+  return [str(int(i)) for i in ids_row[1:1 + n]]
+
+
+def _text_scores(text_attr, ids_row) -> np.ndarray:
+  eot = int(np.argmax(ids_row))
+  v = np.asarray(text_attr, np.float64)[1:eot]
+  if v.size == 0:
+    return v
+  lo, hi = v.min(), v.max()
+  return (v - lo) / (hi - lo + 1e-7)
+
+
+class Runner:
+  """Loads the model once; ``run(images, ids, texts) -> dict of numpy arrays`` for any pairing."""
+
+  def __init__(self, args):
+    from trace_jax.checkpoints import load_model
+    from trace_jax.models import build
+    self.cfg, self.params = load_model(args.checkpoint)
+    self.model = build(self.cfg)
+    self.method = args.method
+    self.settings = parse_settings(args.set)
+    if self.method == "m2ib":  # M2IB's official map is 224 px; here: the input image size
+      self.settings.setdefault("out_size", None)
+    self.size = args.image_size or self.cfg.vision.image_size
+    self.resize = args.resize
+    self.tok = None
+    if args.text or args.csv:
+      from trace_jax.tokenizers import load_tokenizer
+      self.tok = load_tokenizer(args.checkpoint)
+
+  def load_images(self, paths):
+    try:
+      from trace_jax.data.preprocess import load_images
+    except ImportError:  # pragma: no cover - the data package ships with trace_jax
+      load_images = None
+    if load_images is not None:
+      return load_images(paths, self.size, self.resize)
+    from PIL import Image
+    from trace_jax.utils.overlay import MEAN, STD
+    arr = [np.asarray(Image.open(p).convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for p in paths]
+    return ((np.stack(arr).astype(np.float32) / 255.0) - MEAN) / STD
+
+  def tokenize(self, texts):
+    if self.tok is None:
+      raise ValueError("--text needs a tokenizer in the model directory (DIR/tokenizer/); use --token-ids")
+    return _tokenize(self.tok, texts, self.cfg.text.context_length)
+
+  def run(self, images, ids) -> dict:
+    from trace_jax.attribution.api import explain
+    out = explain(self.method, self.model, self.params, images, ids, **self.settings)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _overlays(runner, images, ids, texts, out, alpha):
+  """One RGB picture per pair: overlay (+ coloured tokens when the method gives text attributions)."""
+  from trace_jax.utils import overlay as ov
+  P = out["map"].shape[0]
+  rgb = ov.denormalize(images)
+  pics = []
+  for p in range(P):
+    img = rgb[0] if rgb.shape[0] == 1 else rgb[p]
+    pic = ov.overlay(img, out["map"][p], alpha=alpha)
+    if "text" in out and out["text"].ndim == 2:
+      row = ids[0] if ids.shape[0] == 1 else ids[p]
+      toks = _token_strings(runner.tok, texts[p] if texts else None, row)
+      if toks:
+        strip = ov.text_tokens_image(toks, _text_scores(out["text"][p], row), width=max(img.shape[1], 240))
+        pic = ov.stack_vertical([pic, strip])
+    pics.append(pic)
+  return pics
+
+
+def _save_npz(path, out, texts, image_names, method):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  arrays = {k: v for k, v in out.items() if isinstance(v, np.ndarray) and k != "pixels"}
+  arrays["texts"] = np.asarray(texts if texts else [], dtype=str)
+  arrays["images"] = np.asarray(image_names, dtype=str)
+  arrays["method"] = np.asarray(method)
+  np.savez(path, **arrays)
+  return path
+
+
+def _single(args, runner) -> int:
+  from trace_jax.utils import overlay as ov
+  if args.image:
+    images = runner.load_images([args.image])
+    names = [args.image]
+  else:
+    images = np.load(args.pixels).astype(np.float32)
+    images = images[None] if images.ndim == 3 else images
+    names = [args.pixels] * images.shape[0]
+  if args.token_ids:
+    ids = np.load(args.token_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    ids = ids.astype(np.int32)
+    texts = None
+  else:
+    texts = args.text
+    ids = runner.tokenize(texts)
+  out = runner.run(images, ids)
+  P = out["map"].shape[0]
+  labels = [f"{t[:30]} ({s:.3f})" for t, s in zip(texts or [f"text {i}" for i in range(P)], out["score"])]
+  pics = _overlays(runner, images, ids, texts, out, args.alpha)
+  if args.out:
+    pic = pics[0] if P == 1 else ov.contact_sheet(pics, labels, cols=min(P, 4))
+    ov.save_png(pic, args.out)
+    print(f"wrote {args.out}")
+  if args.out_npz:
+    _save_npz(args.out_npz, out, texts, names, args.method)
+    print(f"wrote {args.out_npz}")
+  for lab in labels:
+    print(f"{args.method}: {lab}")
+  return 0
+
+
+def _read_csv(path):
+  base = os.path.dirname(os.path.abspath(path))
+  rows = []
+  with open(path, newline="", encoding="utf-8") as f:
+    for i, row in enumerate(csv.reader(f)):
+      if not row or all(not c.strip() for c in row):
+        continue
+      if len(row) < 2:
+        raise ValueError(f"{path}:{i + 1}: expected 'image,text', got {row!r}")
+      img, text = row[0].strip(), ",".join(row[1:]).strip()
+      if i == 0 and img.lower() == "image" and text.lower() == "text":
+        continue
+      rows.append((img if os.path.isabs(img) else os.path.join(base, img), text))
+  if not rows:
+    raise ValueError(f"{path}: no image,text rows")
+  return rows
+
+
+def _batch(args, runner) -> int:
+  from trace_jax.utils import overlay as ov
+  if args.token_ids:
+    raise ValueError("batch mode takes prompts from the CSV / --text, not --token-ids")
+  if args.csv:
+    pairs = _read_csv(args.csv)
+    chunks = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
+  else:
+    if not args.text:
+      raise ValueError("--folder needs at least one --text")
+    files = sorted(f for f in os.listdir(args.folder) if f.lower().endswith(IMAGE_EXTS))
+    if not files:
+      raise ValueError(f"{args.folder}: no image files ({', '.join(IMAGE_EXTS)})")
+    # one image with all its prompts per call: one image forward for many prompts
+    chunks = [[(os.path.join(args.folder, f), t) for t in args.text] for f in files]
+  out_dir = args.out_dir or (os.path.splitext(args.out)[0] + "_pairs" if args.out else None)
+  if out_dir is None:
+    raise ValueError("batch mode needs --out-dir (or --out for the contact sheet)")
+  os.makedirs(out_dir, exist_ok=True)
+  results, pics, labels, names, texts_all = [], [], [], [], []
+  for chunk in chunks:
+    paths = [p for p, _ in chunk]
+    texts = [t for _, t in chunk]
+    same = len(set(paths)) == 1
+    images = runner.load_images(paths[:1] if same else paths)
+    ids = runner.tokenize(texts)
+    out = runner.run(images, ids)
+    results.append(out)
+    for k, pic in enumerate(_overlays(runner, images, ids, texts, out, args.alpha)):
+      i = len(pics)
+      stem = os.path.splitext(os.path.basename(paths[k]))[0]
+      ov.save_png(pic, os.path.join(out_dir, f"{i:04d}_{stem}.png"))
+      pics.append(pic)
+      labels.append(f"{texts[k][:24]} ({float(out['score'][k]):.2f})")
+    names += paths
+    texts_all += texts
+  keys = set.intersection(*(set(r) for r in results))
+  merged = {}
+  for k in keys:
+    vals = [r[k] for r in results]
+    if all(isinstance(v, np.ndarray) and v.ndim >= 1 for v in vals) and \
+        len({v.shape[1:] for v in vals}) == 1 and k != "pixels":
+      merged[k] = np.concatenate(vals)
+  sheet = args.out or os.path.join(out_dir, "contact_sheet.png")
+  ov.save_png(ov.contact_sheet(pics, labels, cols=4, tile_size=160), sheet)
+  npz = args.out_npz or os.path.join(out_dir, "maps.npz")
+  _save_npz(npz, merged, texts_all, names, args.method)
+  print(f"wrote {len(pics)} overlays to {out_dir}, {sheet}, {npz}")
+  return 0
+
+
+def run(args) -> int:
+  try:
+    if (args.image or args.pixels) and not (args.text or args.token_ids):
+      raise ValueError("give --text or --token-ids")
+    if args.text and args.token_ids:
+      raise ValueError("give --text or --token-ids, not both")
+    if (args.image or args.pixels) and not (args.out or args.out_npz):
+      raise ValueError("give --out PNG and/or --out-npz FILE")
+    runner = Runner(args)
+    return _batch(args, runner) if (args.csv or args.folder) else _single(args, runner)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"trace-jax explain: error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,1 @@
+"""Small helpers that are not part of the model stack (pictures of attribution maps)."""
