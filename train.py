@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train a CLIP-style model on the embedded grounding data (or any data source of the loop).
+
+    python train.py --config configs/demo.py --workdir /tmp/demo
+    python train.py --config configs/amc.py --workdir runs/amc --config.train.steps=2000 --config.data.batch_size=128
+
+``--config.key=value`` overrides any key of the config (an unknown key is an error that names it).
+Re-running with the same ``--workdir`` resumes from the latest checkpoint. Multi-host: pass
+``--distributed`` (or set TRACE_JAX_DISTRIBUTED=1) on every host; the cluster environment (or
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) tells ``jax.distributed`` the rest.
+See docs/training.md.
+"""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and the exported model")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() (multi-host)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  from trace_jax.training import mesh as mesh_lib
+  config = _CONFIG.value
+  enabled = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else (config.distributed or None)
+  mesh_lib.maybe_initialize_distributed(enabled)   # before any other JAX call
+  from trace_jax.training.loop import train
+  train(config, _WORKDIR.value)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+  app.run(main)
