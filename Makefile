@@ -18,7 +18,8 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.core
 
 demo: $(VENV)/.core
-	$(BIN)/python demo.py
+	$(BIN)/python train.py --config configs/demo.py --workdir runs/demo
+	$(BIN)/python evaluate.py --config configs/demo.py --checkpoint runs/demo
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
