@@ -1,0 +1,128 @@
+"""``trace-jax invert``: MaskInversion LETs for masks, top classes per mask, maps beside the masks.
+
+    trace-jax invert --checkpoint DIR (--image PATH | --pixels X.npy) --masks M1.png [M2.png ...]
+                     [--classes FILE] [--out-npz F] [--mode auto|exact|decomposed] [--lr 0.1]
+
+Masks: image files (grey values / 255, no resize or threshold: their ``MaskInversionMaskPreprocess``)
+or ``.npy`` arrays [H, W] / [K, H, W] in [0, 1]; any resolution. Each final map is written as an
+8-bit PNG beside its mask (``<mask>_map.png``, ``<mask>_map{k}.png`` for a K-mask .npy).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="trace_jax model directory")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--image", help="image file (squashed to --image-size, as LePreprocess)")
+  src.add_argument("--pixels", help=".npy float32 [H, W, 3] or [1, H, W, 3], already normalised")
+  p.add_argument("--masks", nargs="+", required=True, help="mask files (.png/.jpg or .npy)")
+  p.add_argument("--classes", help="text file, one class name per line: print the top classes per mask")
+  p.add_argument("--templates", help="text file of prompt templates with one {} (default: CLIP's 7)")
+  p.add_argument("--top", type=int, default=5, help="classes printed per mask")
+  p.add_argument("--out-npz", help="write lets [K, E], maps, losses and mask names here")
+  p.add_argument("--no-map-png", action="store_true", help="do not write the map PNGs")
+  p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's; "
+                 "the paper uses 448 on 224 models)")
+  p.add_argument("--resize", choices=("squash", "crop"), default="squash")
+  p.add_argument("--mode", choices=("auto", "exact", "decomposed"), default="auto")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--lr", type=float, default=0.1, help="their default 0.1; their examples use 0.5")
+  p.add_argument("--alpha", type=float, default=0.0, help="weight of 1 - cos(LET, z0)")
+  p.add_argument("--wd", type=float, default=0.0)
+  p.add_argument("--layer-index", type=int, default=-1)
+
+
+def load_masks(paths) -> tuple[list[np.ndarray], list[str]]:
+  """-> per file [K, H, W] float32 and the PNG base names (one per mask)."""
+  from PIL import Image
+  arrays, names = [], []
+  for path in paths:
+    stem = os.path.splitext(path)[0]
+    if path.endswith(".npy"):
+      m = np.load(path).astype(np.float32)
+    else:
+      try:
+        with Image.open(path) as im:
+          m = np.asarray(im.convert("L"), np.float32) / 255.0
+      except OSError as e:
+        raise ValueError(f"cannot read mask {path}: {e}") from e
+    if m.ndim == 2:
+      m = m[None]
+      names.append(f"{stem}_map.png")
+    elif m.ndim == 3:
+      names += [f"{stem}_map{k}.png" for k in range(m.shape[0])]
+    else:
+      raise ValueError(f"mask {path} must be [H, W] or [K, H, W]; got shape {m.shape}")
+    arrays.append(m)
+  return arrays, names
+
+
+def _read_lines(path):
+  with open(path) as f:
+    return [ln.strip() for ln in f if ln.strip()]
+
+
+def run(args) -> int:
+  import jax.numpy as jnp
+  from trace_jax.checkpoints import load_model
+  from trace_jax.inversion.maskinversion import invert
+  from trace_jax.models import build, l2_normalize
+
+  cfg, params = load_model(args.checkpoint)
+  model = build(cfg)
+  size = args.image_size or cfg.vision.image_size
+  if args.image:
+    from trace_jax.data.preprocess import load_images
+    image = load_images([args.image], size, args.resize)[0]
+  else:
+    image = np.load(args.pixels).astype(np.float32)
+    if image.ndim == 4 and image.shape[0] == 1:
+      image = image[0]
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"--pixels must hold [H, W, 3] or [1, H, W, 3]; got {image.shape}")
+  arrays, names = load_masks(args.masks)
+  # Masks of one size form one call (one image forward); other sizes get their own call.
+  by_size: dict = {}
+  for a in arrays:
+    by_size.setdefault(a.shape[1:], []).append(a)
+  lets, maps, losses = [], [], []
+  for group in by_size.values():
+    out = invert(model, params, image, np.concatenate(group), mode=args.mode, layers=args.layer_index,
+                 steps=args.steps, lr=args.lr, alpha=args.alpha, wd=args.wd)
+    lets.append(np.asarray(out["lets"]))
+    maps += list(np.asarray(out["map"]))
+    losses.append(np.asarray(out["losses"]))
+    print(f"mode {out['mode']}: loss {float(out['losses'][0]):.4f} -> {float(out['losses'][-1]):.4f}")
+  # back to the order of the masks on the command line
+  order = [i for size_ in by_size for i, a in enumerate(arrays) if a.shape[1:] == size_]
+  starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+  flat = [j for i in order for j in range(starts[i], starts[i + 1])]
+  inv = np.argsort(flat)
+  lets = np.concatenate(lets)[inv]
+  maps = [maps[j] for j in inv]
+
+  if args.classes:
+    from trace_jax.evaluation.zeroshot import SIMPLE_IMAGENET_TEMPLATES, class_text_embeddings
+    from trace_jax.tokenizers import load_tokenizer
+    classes = _read_lines(args.classes)
+    templates = _read_lines(args.templates) if args.templates else SIMPLE_IMAGENET_TEMPLATES
+    tok = load_tokenizer(args.checkpoint)
+    cls = class_text_embeddings(model, params, tok, classes, templates)
+    sims = np.asarray(l2_normalize(jnp.asarray(lets)) @ cls.T)
+    for k, name in enumerate(names):
+      top = np.argsort(-sims[k])[:args.top]
+      print(f"{name.replace('_map', '')}: " + ", ".join(f"{classes[c]} ({sims[k, c]:.3f})" for c in top))
+  if not args.no_map_png:
+    from PIL import Image
+    for name, m in zip(names, maps):
+      Image.fromarray(np.clip(np.round(m * 255), 0, 255).astype(np.uint8)).save(name)
+  if args.out_npz:
+    np.savez(args.out_npz, lets=lets, mask_names=np.array(names),
+             losses=np.stack(losses) if len({l.shape for l in losses}) == 1 else np.concatenate(losses),
+             **{f"map_{k}": m for k, m in enumerate(maps)})
+  return 0

@@ -1,0 +1,433 @@
+"""MaskInversion (Bousselham et al., maskinversion.md §3) as ``maskinversion-torch==1.1`` computes it.
+
+Per image (notes/legrad-maskinversion.md, "MaskInversion", steps 1-9):
+
+1. ONE image forward (theirs runs the ViT on K copies): z0 = un-normalised final CLS embedding.
+2. LET_k <- z0 for every mask k (a query vector that replaces the text in LeGrad's score).
+3. AdamW(lr, betas (0.9, 0.999), eps 1e-8, wd), torch defaults; optax.adamw places eps outside the
+   sqrt of the bias-corrected second moment and decays decoupled (p <- p - lr*(u + wd*p)), as torch.
+4. each step: q = normalize(LET); E = LeGrad(q) over blocks >= start (default: last only, layer_index
+   -1), i.e. minmax(up_ps(grid)); E -> bilinear (no antialias) to the mask size; loss =
+   mean_k dice_k + alpha * mean_k (1 - cos(z0, LET_k)), dice = 1 - (2 sum E m + 1)/(sum E + sum m + 1).
+5. returns the un-normalised LETs [K, E] and the map of the RETURNED LET (one extra map after the
+   last step); ``return_pre_step_map=True`` gives theirs, the map from before the last step.
+
+Everything (forward, K masks, the steps in ``lax.scan``, the final maps) is one ``jit``. The K masks
+are one [K, E] parameter (vmapped maps), padded up to a size bucket so that varying K compiles once
+per bucket; padded rows get loss weight 0 and the real rows weight 1/K_real (K_real is traced): the
+official mean over the real K puts a 1/K factor on every gradient, which Adam removes except inside
+eps, so the mean over the real K is what reproduces their numbers.
+
+The dice loss at mask resolution is evaluated on the patch grid, exactly: resize-to-mask (Mh, Mw)
+and upsampling (Uh, Uw) are linear with rows summing to 1, so with up = Uh g Uw^T,
+lo/hi = min/max(up), C = M U:  E_m = (Ch g Cw^T - lo) / (hi - lo), hence
+sum E_m m = (<g, Ch^T m Cw> - lo sum m)/(hi - lo) and sum E_m = (<g, Ch^T 1 1^T Cw> - lo Hm Wm)/(hi - lo).
+The mask is projected to the grid once; each step touches only the grid and the g*ps map (for min/max).
+
+Two modes give the same LETs (docs/maskinversion.md):
+
+* ``'exact'``: the LeGrad gradient is ``jax.vjp`` of the block tail (trace_jax/attribution/legrad.py)
+  and the loss is differentiated through it (second order through the vjp; JAX transposes the
+  linear backward, so a step costs about two block backwards per mask).
+* ``'decomposed'`` (paper §3.3, Eq. 6): what does not depend on the LET is computed once per image.
+  The full Jacobian dz/dA (D h N^2 floats: 15 GB at 448 px on ViT-B/16) is never formed. A enters
+  block l only through o = A v (o[i,h,e] = sum_j A[h,i,j] v[j,h,e]), so with
+  gO[d,i,h,e] = dz_d/do[i,h,e] (D N W floats, one chunked jacrev, 1.2 GB at 448 px):
+      G(q)[h,i,j] = sum_e R[i,h,e] v[j,h,e],   R = sum_d q_d gO[d]   (= q . dz/dA, exact).
+  Per mask and step that is a [K, D] x [D, N W] GEMM plus a [N, N] product per head.
+* ``'auto'``: decomposed if gO fits in a fraction of the device memory and the masks x steps are
+  enough to amortise the D backwards of the precompute; else exact.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from trace_jax.attribution import legrad as lg
+from trace_jax.models import build, l2_normalize
+
+DEFAULT_LAYER_INDEX = -1  # MaskInversion.__init__(layer_index=-1): last block only
+DEFAULT_LR = 0.1          # code default; the upstream README / examples use 0.5
+DEFAULT_STEPS = 10
+MODES = ("auto", "exact", "decomposed")
+
+
+# ----------------------------------------------------------------------------- resize operators
+
+@functools.lru_cache(maxsize=256)
+def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] weights of torch bilinear (align_corners=False, no antialias) along one axis.
+
+  torch's rule: src = max((o + 0.5) * n_in / n_out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1,
+  n_in - 1), weights (1 - t, t). Equals ``jax.image.resize(method='linear', antialias=False)``
+  (notes, "Resize equivalences"; tests/test_maskinversion.py). Rows sum to 1.
+  """
+  o = np.arange(n_out, dtype=np.float64)
+  src = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  i1 = np.minimum(i0 + 1, n_in - 1)
+  t = src - i0
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), i0), 1.0 - t)
+  np.add.at(m, (np.arange(n_out), i1), t)
+  return m
+
+
+def _operators(grid_hw, ps, mask_hw):
+  """Upsampling U [g*ps, g] and composite grid->mask C = M U [Hm, g] per axis (float32 numpy)."""
+  (gh, gw), (hm, wm) = grid_hw, mask_hw
+  uh, uw = resize_matrix(gh, gh * ps), resize_matrix(gw, gw * ps)
+  mh, mw = resize_matrix(gh * ps, hm), resize_matrix(gw * ps, wm)
+  return uh, uw, mh @ uh, mw @ uw
+
+
+def project_masks(masks, ch, cw):
+  """masks [K, Hm, Wm] -> (m_grid [K, gh, gw] = Ch^T m Cw, sum m [K])."""
+  m_grid = jnp.einsum("ag,kab,bh->kgh", ch, masks, cw, precision=jax.lax.Precision.HIGHEST)
+  return m_grid, jnp.sum(masks, axis=(-2, -1))
+
+
+def dice_from_grid(grid, m_grid, m_sum, uh, uw, one_grid, npix):
+  """Their ``batched_dice_loss`` for one mask, evaluated on the grid (module docstring).
+
+  grid [gh, gw] raw LeGrad relevance; returns (dice, lo, rng) with lo/rng of the min-max.
+  """
+  up = uh @ grid @ uw.T  # LeGrad's upsampled map before min-max
+  lo, hi = jnp.min(up), jnp.max(up)
+  rng = hi - lo
+  ok = rng > 0  # a constant map is 0 after our guarded min-max (theirs: NaN)
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, rng, 1.0), 0.0)
+  inter = (jnp.sum(grid * m_grid) - lo * m_sum) * inv
+  esum = (jnp.sum(grid * one_grid) - lo * npix) * inv
+  dice = 1.0 - (2.0 * inter + 1.0) / (esum + m_sum + 1.0)
+  return dice, lo, rng
+
+
+def grid_to_mask_map(grid, lo, rng, ch, cw):
+  """Final map at mask size: minmax(up_ps(grid)) resized to [Hm, Wm] (= Ch g Cw^T, min-maxed)."""
+  m = (ch @ grid @ cw.T - lo)
+  ok = rng > 0
+  return jnp.where(ok, m / jnp.where(ok, rng, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- LeGrad per query
+
+def exact_grid_fn(model, params, state, layer_ids, grid_hw):
+  """q [E] -> raw LeGrad grid [gh, gw] via vjp of each block tail (residuals shared by all q)."""
+  vp = params["visual"]
+  vjps = []
+  for l in layer_ids:
+    x_prev, attn = state[l]
+    _, vjp = jax.vjp(functools.partial(lg.block_tail, vp, l, model.cfg.act, x_prev), attn)
+    vjps.append(vjp)
+
+  def grid_fn(q):
+    return sum(lg.relevance(vjp(q)[0]) for vjp in vjps).reshape(grid_hw)
+  return grid_fn
+
+
+def jacobian_chunk(d: int, n: int, width: int, mlp: int, budget_bytes: float = 2 ** 29) -> int:
+  """How many of the D rows of gO one vmapped backward computes at once (transient memory)."""
+  per_row = 4 * n * (2 * mlp + 3 * width)
+  return int(max(1, min(d, budget_bytes // max(per_row, 1))))
+
+
+def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | None = None):
+  """q [E] -> raw LeGrad grid [gh, gw] from the precomputed gO = dz/do (module docstring)."""
+  vp = params["visual"]
+  act, d = model.cfg.act, model.cfg.embed_dim
+  width = model.cfg.vision.width
+  mlp = int(width * model.cfg.vision.mlp_ratio)
+  parts = []
+  for l in layer_ids:
+    bp = vp["transformer"][f"block_{l}"]
+    x_prev, attn = state[l]
+    v = lg.values(bp, x_prev)                    # [N, h, e]
+    o = jnp.einsum("hij,jhe->ihe", attn, v)      # [N, h, e]
+    f = lambda o_, bp=bp, x_prev=x_prev: lg.layer_feature(vp, lg.pooled_from_o(bp, x_prev, o_, act))
+    _, vjp = jax.vjp(f, o)
+    c = chunk or jacobian_chunk(d, o.shape[0], width, mlp)
+    g_o = jax.lax.map(lambda e: vjp(e)[0], jnp.eye(d, dtype=jnp.float32), batch_size=c)  # [D, N, h, e]
+    parts.append((g_o, v))
+
+  def grid_fn(q):
+    total = 0.0
+    for g_o, v in parts:
+      r = jnp.tensordot(q, g_o, axes=1)          # [N, h, e]
+      g = jnp.einsum("ihe,jhe->hij", r, v)       # [h, N, N] = q . dz/dA
+      total = total + lg.relevance(g)
+    return total.reshape(grid_hw)
+  return grid_fn
+
+
+# ----------------------------------------------------------------------------- the optimisation
+
+def objective(model, params, image, masks, weights, alpha, *, layer_ids, mode,
+              pos_interp="antialias", chunk=None):
+  """The per-image MaskInversion loss (one forward; mode-specific LeGrad gradient).
+
+  Returns (loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum)): ``loss_fn(lets [K, E]) -> (loss,
+  (dice_mean, reg_mean, dice [K], (grid, lo, rng)))``; ``per_mask(let, m_grid_k, m_sum_k)``.
+  """
+  ps = model.cfg.vision.patch_size
+  grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
+  mask_hw = masks.shape[-2:]
+  uh, uw, ch, cw = (jnp.asarray(a, jnp.float32) for a in _operators(grid_hw, ps, mask_hw))
+  one_grid = jnp.outer(ch.sum(0), cw.sum(0))
+  npix = float(mask_hw[0] * mask_hw[1])
+  m_grid, m_sum = project_masks(masks, ch, cw)
+
+  z0, state = lg.image_state(model, params, image, layer_ids, pos_interp)
+  z0 = z0.astype(jnp.float32)
+  if mode == "exact":
+    grid_fn = exact_grid_fn(model, params, state, layer_ids, grid_hw)
+  elif mode == "decomposed":
+    grid_fn = decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk)
+  else:
+    raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
+  z0n = l2_normalize(z0)
+
+  def per_mask(let, mg, ms):
+    q = l2_normalize(let)                     # F.normalize(mask_emb)
+    grid = grid_fn(q)
+    dice, lo, rng = dice_from_grid(grid, mg, ms, uh, uw, one_grid, npix)
+    reg = 1.0 - jnp.sum(z0n * q)               # 1 - cos(z0, LET)
+    return dice, reg, (grid, lo, rng)
+
+  def loss_fn(lets):
+    dice, reg, aux = jax.vmap(per_mask)(lets, m_grid, m_sum)
+    d, r = jnp.sum(weights * dice), jnp.sum(weights * reg)
+    return d + alpha * r, (d, r, dice, aux)
+
+  return loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum)
+
+
+def invert_one(model, params, image, masks, weights, lr, alpha, wd, *, layer_ids, steps, mode,
+               pos_interp="antialias", chunk=None):
+  """MaskInversion of K (padded) masks on one image; pure and jit-able.
+
+  Args:
+    image [H, W, 3]; masks [K, Hm, Wm] in [0, 1]; weights [K] loss weight per mask (1/K_real for
+    real masks, 0 for padding); lr, alpha, wd scalars (traced).
+  Returns dict: lets [K, E] (un-normalised), z0 [E], grid [K, gh, gw] / map [K, Hm, Wm] of the
+    returned LETs, pre_grid / pre_map of the LETs before the last step (theirs), losses [steps]
+    (total), dice [steps] and reg [steps] (weighted means), dice0 [K] / dice_final [K] per mask.
+  """
+  loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum) = objective(
+      model, params, image, masks, weights, alpha, layer_ids=layer_ids, mode=mode,
+      pos_interp=pos_interp, chunk=chunk)
+
+  opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
+  lets0 = jnp.broadcast_to(z0, (masks.shape[0], z0.shape[-1]))
+
+  def step(carry, _):
+    lets, opt_state, _ = carry
+    (loss, (d, r, _, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(lets)
+    upd, opt_state = opt.update(g, opt_state, lets)
+    return (optax.apply_updates(lets, upd), opt_state, lets), (loss, d, r)
+
+  (lets, _, prev), (losses, dices, regs) = jax.lax.scan(
+      step, (lets0, opt.init(lets0), lets0), None, length=steps)
+
+  # Maps of the returned LETs, of the LETs before the last step (theirs) and of z0, in one pass.
+  k = masks.shape[0]
+  tile = lambda a: jnp.concatenate([a, a, a])
+  dice, _, (grid, lo, rng) = jax.vmap(per_mask)(jnp.concatenate([lets, prev, lets0]), tile(m_grid),
+                                                tile(m_sum))
+  m = jax.vmap(grid_to_mask_map, in_axes=(0, 0, 0, None, None))(grid[:2 * k], lo[:2 * k],
+                                                                  rng[:2 * k], ch, cw)
+  return {"lets": lets, "z0": z0, "grid": grid[:k], "map": m[:k], "pre_grid": grid[k:2 * k],
+          "pre_map": m[k:], "losses": losses, "dice": dices, "reg": regs, "dice0": dice[2 * k:],
+          "dice_final": dice[:k]}
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(cfg, layer_ids, steps, mode, pos_interp, chunk):
+  model = build(cfg)
+
+  def one(params, image, masks, weights, lr, alpha, wd):
+    return invert_one(model, params, image, masks, weights, lr, alpha, wd, layer_ids=layer_ids,
+                      steps=steps, mode=mode, pos_interp=pos_interp, chunk=chunk)
+
+  batched = jax.vmap(one, in_axes=(None, 0, 0, 0, None, None, None))
+  return jax.jit(batched)
+
+
+# ----------------------------------------------------------------------------- inputs, buckets
+
+def bucket_size(k: int) -> int:
+  """Padded mask count: powers of two up to 16, then 4 buckets per octave (<= 25 % padding)."""
+  if k <= 16:
+    return 1 << max(0, math.ceil(math.log2(max(k, 1))))
+  step = 1 << (int(math.floor(math.log2(k))) - 2)
+  return -(-k // step) * step
+
+
+def rasterize_boxes(boxes, hw: tuple[int, int]) -> np.ndarray:
+  """Boxes [K, 4] (x0, y0, x1, y1) in pixels of an [H, W] frame -> binary masks [K, H, W]:
+  a pixel is inside when its centre (c + 0.5, r + 0.5) lies in [x0, x1) x [y0, y1)."""
+  b = np.asarray(boxes, np.float64)
+  if b.ndim == 1:
+    b = b[None]
+  if b.ndim != 2 or b.shape[-1] != 4:
+    raise ValueError(f"boxes must be [K, 4] (x0, y0, x1, y1); got shape {b.shape}")
+  h, w = hw
+  ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
+  inx = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])  # [K, W]
+  iny = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])  # [K, H]
+  return (iny[:, :, None] & inx[:, None, :]).astype(np.float32)
+
+
+def check_masks(masks, index: int = 0) -> np.ndarray:
+  """One image's masks -> float32 [K, Hm, Wm]; ValueError naming the problem."""
+  m = np.asarray(masks)
+  if m.dtype == bool:
+    m = m.astype(np.float32)
+  if m.ndim == 2:
+    m = m[None]
+  if m.ndim != 3:
+    raise ValueError(f"masks of image {index} must be [K, H, W] (or one [H, W] mask); got rank "
+                     f"{m.ndim} with shape {m.shape}")
+  if m.shape[0] == 0:
+    raise ValueError(f"image {index} has no masks")
+  m = m.astype(np.float32)
+  if not np.all(np.isfinite(m)):
+    raise ValueError(f"masks of image {index} contain NaN or inf")
+  if m.min() < 0 or m.max() > 1:
+    raise ValueError(f"masks of image {index} must lie in [0, 1] (binary or soft); got range "
+                     f"[{m.min():g}, {m.max():g}] (divide 0-255 masks by 255)")
+  empty = np.flatnonzero(m.reshape(m.shape[0], -1).sum(-1) <= 0)
+  if empty.size:
+    raise ValueError(f"mask(s) {empty.tolist()} of image {index} are empty (all zero)")
+  return m
+
+
+def memory_budget() -> float:
+  """Bytes the decomposed Jacobian may take: half of the device's memory (RAM on CPU)."""
+  dev = jax.devices()[0]
+  try:
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      return 0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  except Exception:  # CPU backends may not implement memory_stats
+    pass
+  try:
+    return 0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return 4e9
+
+
+def choose_mode(cfg, image_hw, num_masks: int, steps: int, num_layers: int,
+                budget: float | None = None) -> str:
+  """'decomposed' when gO (D N W floats per layer) fits the budget and K * steps is large enough
+  to amortise its D-row precompute, else 'exact' (docs/maskinversion.md, "Choosing the mode")."""
+  ps = cfg.vision.patch_size
+  n = (image_hw[0] // ps) * (image_hw[1] // ps) + 1
+  w, d = cfg.vision.width, cfg.embed_dim
+  mlp = int(w * cfg.vision.mlp_ratio)
+  jac_bytes = 4.0 * num_layers * d * n * w
+  budget = memory_budget() if budget is None else budget
+  if jac_bytes > budget:
+    return "exact"
+  # Work per (mask, step): exact ~ 2 backwards through the block (~2 N W (mlp + w) MACs + N^2 W);
+  # decomposed ~ 2 (D N W + N^2 W); precompute D backwards (D N W (mlp + w)).
+  exact = 2.0 * n * w * (mlp + w) + 2.0 * n * n * w
+  dec = 2.0 * (d * n * w + n * n * w)
+  pre = d * n * w * (mlp + w)
+  return "decomposed" if pre + num_masks * steps * dec <= num_masks * steps * exact else "exact"
+
+
+# ----------------------------------------------------------------------------- API
+
+def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mode: str = "auto",
+           layers=DEFAULT_LAYER_INDEX, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
+           alpha: float = 0.0, wd: float = 0.0, pos_interp: str = "antialias", bucket: bool = True,
+           return_pre_step_map: bool = False, chunk: int | None = None):
+  """MaskInversion: one localized embedding token (LET) per mask.
+
+  Args:
+    images: [B, H, W, 3] (NHWC, normalised) or one [H, W, 3] image (H, W multiples of the patch;
+      e.g. 448 px on a 224 model: position embeddings are resampled as theirs).
+    masks: one image: [K, Hm, Wm] or [Hm, Wm]; B images: a sequence of B such arrays (K and the
+      mask size may differ per image). Binary or soft in [0, 1], any resolution.
+    boxes: instead of masks, [K, 4] (x0, y0, x1, y1) per image, rasterised at ``mask_size``
+      (default the image size).
+    mode: 'exact' | 'decomposed' | 'auto' (same LETs; see the module docstring).
+    layers: LeGrad layer_index (-1 = last block, as theirs) or block indices.
+    steps, lr, alpha, wd: AdamW steps, learning rate (their default 0.1; README 0.5), weight of
+      1 - cos(LET, z0), weight decay.
+    bucket: pad K to :func:`bucket_size` (compile once per bucket); False compiles per K.
+    return_pre_step_map: the returned map is the one from before the last step (as theirs).
+  Returns:
+    one image: dict with ``lets`` [K, E] (un-normalised, like theirs), ``map`` [K, Hm, Wm] in [0, 1],
+    ``grid`` [K, gh, gw] raw LeGrad relevance, ``losses`` [steps] (their per-iteration loss),
+    ``dice`` / ``reg`` [steps], ``dice0`` / ``dice_final`` [K], ``z0`` [E], ``mode``; several images:
+    a list of such dicts.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+  if (masks is None) == (boxes is None):
+    raise ValueError("give exactly one of `masks` or `boxes`")
+  ims = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
+  single = ims.ndim == 3
+  if single:
+    ims = ims[None]
+  if ims.ndim != 4 or ims.shape[-1] != 3:
+    raise ValueError(f"images must be NHWC [B, H, W, 3] or one [H, W, 3] image; got shape {tuple(ims.shape)}")
+  b = ims.shape[0]
+  given = masks if masks is not None else boxes
+  if isinstance(given, (list, tuple)):
+    per_image = list(given)
+  elif b == 1:
+    per_image = [given]
+  else:
+    arr = np.asarray(given)
+    per_image = list(arr)  # [B, K, ...]
+  as_list = isinstance(given, (list, tuple)) and not single
+  if len(per_image) != b:
+    raise ValueError(f"got masks for {len(per_image)} images but {b} images")
+  if boxes is not None:
+    hw = tuple(mask_size) if mask_size is not None else tuple(ims.shape[1:3])
+    per_image = [rasterize_boxes(bx, hw) for bx in per_image]
+  per_image = [check_masks(m, i) for i, m in enumerate(per_image)]
+
+  cfg = model.cfg
+  layer_ids = lg.resolve_layers(layers, cfg.vision.layers)
+  kmax = max(m.shape[0] for m in per_image)
+  if mode == "auto":
+    mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids))
+  fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk)
+  hyper = [jnp.float32(x) for x in (lr, alpha, wd)]
+
+  # Images whose masks share a size run in one vmapped call (K padded to a common bucket).
+  groups: dict[tuple[int, int], list[int]] = {}
+  for i, m in enumerate(per_image):
+    groups.setdefault(m.shape[1:], []).append(i)
+  results: list = [None] * b
+  for hw, idx in groups.items():
+    kpad = max(per_image[i].shape[0] for i in idx)
+    kpad = bucket_size(kpad) if bucket else kpad
+    mk = np.ones((len(idx), kpad) + hw, np.float32)  # padding masks: valid (non-empty), weight 0
+    wt = np.zeros((len(idx), kpad), np.float32)
+    for j, i in enumerate(idx):
+      k = per_image[i].shape[0]
+      mk[j, :k] = per_image[i]
+      wt[j, :k] = 1.0 / k
+    out = fn(params, jnp.asarray(ims[np.asarray(idx)]), jnp.asarray(mk), jnp.asarray(wt), *hyper)
+    for j, i in enumerate(idx):
+      k = per_image[i].shape[0]
+      r = {key: val[j] for key, val in out.items()}
+      res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
+             "reg": r["reg"], "dice0": r["dice0"][:k], "dice_final": r["dice_final"][:k], "mode": mode}
+      if return_pre_step_map:
+        res.update(grid=r["pre_grid"][:k], map=r["pre_map"][:k])
+      else:
+        res.update(grid=r["grid"][:k], map=r["map"][:k])
+      results[i] = res
+  return results if as_list else results[0] if b == 1 else results
