@@ -188,6 +188,10 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   out = _OUT.value or os.path.join(_CKPT.value, "eval")
+  if _CONFIG.value.loss.name == "trace":  # patch-token grounding of TRACE (trace_jax/trace/evaluate.py)
+    from trace_jax.trace import evaluate as trace_eval
+    trace_eval.main(["--workdir", _CKPT.value, "--out", os.path.join(out, "trace_eval.json")])
+    return 0
   evaluate(_CONFIG.value, _CKPT.value, out, _STEP.value)
   return 0
 

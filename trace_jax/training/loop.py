@@ -55,17 +55,20 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"           # compute dtype ('bfloat16' = mixed precision; params stay float32)
   for k, t in (("patch_size", int), ("vision_width", int), ("vision_layers", int), ("vision_heads", int),
                ("text_width", int), ("text_layers", int), ("text_heads", int), ("embed_dim", int),
-               ("vocab_size", int), ("context_length", int), ("eos_token_id", int), ("pool", str)):
+               ("vocab_size", int), ("context_length", int), ("eos_token_id", int), ("pool", str),
+               ("crate_dim_head", int)):
     setattr(c.model, k, ml_collections.config_dict.placeholder(t))  # None: preset / data value
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.name = "contrastive"         # 'contrastive' | 'amc' | 'local_alignment'
+  c.loss.name = "contrastive"         # 'contrastive' | 'amc' | 'local_alignment' | 'trace'
   c.loss.global_texts = "caption"     # texts of the global CLIP loss: 'caption' | 'phrase' | 'caption+phrase'
   c.loss.amc = ml_collections.ConfigDict(dict(
       layer=-1, lambda1=0.2, lambda2=0.8, delta1=0.1, delta2=0.5, mean_pooling="batch", relu_grad=True))
   c.loss.local = ml_collections.ConfigDict(dict(
       width=ml_collections.config_dict.placeholder(int), layers=2, heads=4, mlp_ratio=4.0,
       lambda_global=1.0, lambda_local=1.0))
+  from trace_jax.trace.task import default_trace_config  # lazy: trace.task imports this module's siblings
+  c.loss.trace = default_trace_config()
 
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=5e-4, schedule="warmup_cosine", warmup_steps=100, min_lr_ratio=0.0,

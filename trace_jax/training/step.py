@@ -31,7 +31,7 @@ from trace_jax.models.text_compression import TextCompression
 from trace_jax.training import sharding as shd
 from trace_jax.training.state import TrainState
 
-LOSSES = ("contrastive", "amc", "local_alignment")
+LOSSES = ("contrastive", "amc", "local_alignment", "trace")
 GLOBAL_TEXTS = ("caption", "phrase", "caption+phrase")
 BATCH_KEYS = ("image", "caption_ids", "phrase_ids", "mask", "mask_indicator")
 
@@ -76,6 +76,9 @@ def _compressor(config, cfg: CLIPConfig):
 
 def make_task(config, data_info: dict | None = None) -> Task:
   name = config.loss.name
+  if name == "trace":  # issue 6: CRATE tower + TRACE losses (trace_jax/trace/task.py)
+    from trace_jax.trace.task import make_trace_task
+    return make_trace_task(config, data_info)
   if name not in LOSSES:
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")
   if config.loss.global_texts not in GLOBAL_TEXTS:
