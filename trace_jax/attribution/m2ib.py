@@ -56,6 +56,7 @@ import numpy as np
 
 from trace_jax.models import CLIPConfig, build
 from trace_jax.models.layers import ACTIVATIONS, LayerNorm, ResidualAttentionBlock
+from trace_jax.resize import upsample_bilinear
 
 DEFAULT_LAYER = 9     # eval.py --vlayer 9 --tlayer 9, paper Table 2 (note §1)
 ALPHA_INIT = 5.0      # iba.py initial_value (note §3)
@@ -67,31 +68,7 @@ COS_EPS = 1e-6        # nn.CosineSimilarity(eps=1e-6) (note §4)
 # --------------------------------------------------------------------------------------------
 # Small numerical helpers (pure, shape-documented).
 
-@functools.lru_cache(maxsize=64)
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of torch ``F.interpolate(mode='bilinear', align_corners=False)`` (no antialias).
-
-  Source coordinate ``(o + 0.5) * in / out - 0.5`` clamped at 0 (torch's ``area_pixel_compute_
-  source_index``), linear weights between floor and floor + 1 (clamped to the last pixel).
-  """
-  w = np.zeros((out_size, in_size), np.float64)
-  scale = in_size / out_size
-  for o in range(out_size):
-    src = max((o + 0.5) * scale - 0.5, 0.0)
-    i0 = min(int(np.floor(src)), in_size - 1)
-    i1 = min(i0 + 1, in_size - 1)
-    l1 = src - i0
-    w[o, i0] += 1.0 - l1
-    w[o, i1] += l1
-  return w
-
-
-def upsample_bilinear(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-  """[..., h, w] -> [..., H, W] exactly as torch bilinear (align_corners=False, no antialias)."""
-  h, w = grid.shape[-2:]
-  wh = jnp.asarray(bilinear_matrix(h, out_hw[0]), grid.dtype)
-  ww = jnp.asarray(bilinear_matrix(w, out_hw[1]), grid.dtype)
-  return jnp.einsum("Hh,...hw,Ww->...HW", wh, grid, ww, precision=jax.lax.Precision.HIGHEST)
+# grid -> 224 upsampling is torch bilinear, align_corners=False (notes/m2ib.md §6): trace_jax/resize.py
 
 
 def minmax(x: jax.Array, valid: jax.Array | None = None, axis=-1) -> jax.Array:

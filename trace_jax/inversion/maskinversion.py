@@ -51,6 +51,7 @@ import optax
 
 from trace_jax.attribution import legrad as lg
 from trace_jax.models import build, l2_normalize
+from trace_jax.resize import torch_bilinear_matrix
 
 DEFAULT_LAYER_INDEX = -1  # MaskInversion.__init__(layer_index=-1): last block only
 DEFAULT_LR = 0.1          # code default; the upstream README / examples use 0.5
@@ -60,23 +61,7 @@ MODES = ("auto", "exact", "decomposed")
 
 # ----------------------------------------------------------------------------- resize operators
 
-@functools.lru_cache(maxsize=256)
-def resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of torch bilinear (align_corners=False, no antialias) along one axis.
-
-  torch's rule: src = max((o + 0.5) * n_in / n_out - 0.5, 0), i0 = floor(src), i1 = min(i0 + 1,
-  n_in - 1), weights (1 - t, t). Equals ``jax.image.resize(method='linear', antialias=False)``
-  (notes, "Resize equivalences"; tests/test_maskinversion.py). Rows sum to 1.
-  """
-  o = np.arange(n_out, dtype=np.float64)
-  src = np.maximum((o + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  t = src - i0
-  m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), i0), 1.0 - t)
-  np.add.at(m, (np.arange(n_out), i1), t)
-  return m
+resize_matrix = torch_bilinear_matrix  # torch bilinear, no antialias (trace_jax/resize.py)
 
 
 def _operators(grid_hw, ps, mask_hw):

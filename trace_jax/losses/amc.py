@@ -21,41 +21,16 @@ row over the patch columns, times the ReLU-ed gradient of the image-text cosine,
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from trace_jax.resize import upsample_bilinear
 
 MINMAX_EPS = 1e-7  # notes §2: (cam - min) / (max(cam - min) + 1e-7)
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of torch ``F.interpolate(mode='bilinear', align_corners=False)`` along one axis.
-
-  torch: src = (o + 0.5) * in/out - 0.5, clamped at 0 below; i1 = min(i0 + 1, in - 1).
-  """
-  w = np.zeros((out_size, in_size), np.float64)
-  scale = in_size / out_size
-  for o in range(out_size):
-    src = max((o + 0.5) * scale - 0.5, 0.0)
-    i0 = min(int(np.floor(src)), in_size - 1)
-    i1 = min(i0 + 1, in_size - 1)
-    t = src - i0
-    w[o, i0] += 1.0 - t
-    w[o, i1] += t
-  return w
-
-
-def upsample_bilinear(cam: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
-  """[B, gh, gw] -> [B, H, W], torch bilinear with align_corners=False (notes §2, mask_size)."""
-  dt = jnp.promote_types(cam.dtype, jnp.float32)   # float32, or float64 under jax.enable_x64
-  wh = jnp.asarray(bilinear_matrix(cam.shape[-2], out_hw[0]), dt)
-  ww = jnp.asarray(bilinear_matrix(cam.shape[-1], out_hw[1]), dt)
-  return jnp.einsum("Hh,bhw,Ww->bHW", wh, cam.astype(dt), ww,
-                    precision=jax.lax.Precision.HIGHEST)
+# torch bilinear (align_corners=False) to the mask size, notes §2 (mask_size): trace_jax/resize.py
 
 
 def minmax_normalize(cam: jax.Array, eps: float = MINMAX_EPS) -> jax.Array:
