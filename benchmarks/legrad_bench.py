@@ -73,6 +73,8 @@ def timed(fn, n):
   t = time.perf_counter()
   fn()
   first = time.perf_counter() - t
+  if n == 0:  # the first call is the only one (torch has no compilation: slow cases run once)
+    return first, first, first, first
   ts = []
   for _ in range(n):
     t = time.perf_counter()
