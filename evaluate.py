@@ -3,6 +3,10 @@
 
     python evaluate.py --config configs/demo.py --checkpoint /tmp/demo [--out /tmp/demo/eval]
     python evaluate.py --config configs/demo.py --checkpoint /tmp/demo --config.eval.methods=gradcam,legrad,patch_similarity
+    python evaluate.py --config configs/eval_amc_flickr30k.py [--checkpoint MODEL_DIR] [--out DIR]
+
+Configs with ``config.eval.task`` (configs/eval_*.py: the papers' evaluations on real datasets) go to
+``trace_jax.evaluation.real.run`` (checkpoint default ``config.eval.checkpoint``; docs/datasets.md).
 
 ``--checkpoint``: a train.py workdir (its latest checkpoint), its ``checkpoints/`` dir, or a model dir.
 For each phrase (a unique referring expression of one object) and each method of
@@ -28,10 +32,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py)", lock_config=True)
-_CKPT = flags.DEFINE_string("checkpoint", None, "train.py workdir, its checkpoints/ dir, or a model dir")
+_CKPT = flags.DEFINE_string("checkpoint", None, "train.py workdir, its checkpoints/ dir, or a model dir "
+                            "(real-dataset configs: default config.eval.checkpoint)")
 _OUT = flags.DEFINE_string("out", None, "output dir (default: <checkpoint>/eval)")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-flags.mark_flags_as_required(["config", "checkpoint"])
+flags.mark_flags_as_required(["config"])
 
 EXTRA_METHODS = ("patch_similarity", "local_slots")
 
@@ -187,6 +192,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)
+  if "task" in _CONFIG.value.get("eval", {}):  # real-dataset evaluations (configs/eval_*.py)
+    from trace_jax.evaluation import real
+    real.run(_CONFIG.value, _CKPT.value, _OUT.value)
+    return 0
+  if _CKPT.value is None:
+    raise app.UsageError("--checkpoint is required")
   out = _OUT.value or os.path.join(_CKPT.value, "eval")
   if _CONFIG.value.loss.name == "trace":  # patch-token grounding of TRACE (trace_jax/trace/evaluate.py)
     from trace_jax.trace import evaluate as trace_eval

@@ -2,18 +2,21 @@
 
     python benchmarks/attribution.py                       # all registered cases, ViT-B/16-sized model
     python benchmarks/attribution.py --cases gradcam --model small --n 3   # quick smoke run
+    python benchmarks/attribution.py --cases legrad m2ib --n 3             # the other two peers
 
 Harness: ``timeit`` (warm-up calls, then the median of n timed calls; JAX results are blocked on),
 a registry of cases (``@case('name')`` functions returning ``Row``s) and a markdown ratio table
 (``peer / ours``: > 1 means trace_jax is faster). LeGrad and M2IB cases live beside their methods'
-helpers: add a function decorated with ``@case('legrad')`` here (or in a module imported by
-``--import``) that returns rows.
+helpers (``legrad_bench.py``, ``m2ib_bench.py``, run in subprocesses); MaskInversion has its own
+script (``maskinversion.py``). More cases: a function decorated with ``@case('name')`` here or in a
+module imported by ``--import``, returning rows.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import os
 import platform
 import statistics
@@ -142,6 +145,54 @@ def gradcam_case(ctx: Context) -> list[Row]:
     peer = timeit(lambda: cam(x, targets=targets), ctx.n, ctx.warmup)
     rows.append(Row("gradcam", f"{setting} @{cfg.vision.image_size}", ours, peer, "grad-cam GradCAMElementWise"))
   return rows
+
+
+# ----------------------------------------------------------------------------- LeGrad, M2IB
+
+def _sibling(name: str):
+  """Load benchmarks/<name>.py by file name (benchmarks/ is not a package; maskinversion.py there
+  would shadow the authors' package if the folder were on sys.path)."""
+  spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(HERE, f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@case("legrad")
+def legrad_case(ctx: Context) -> list[Row]:
+  """LeGrad vs legrad-torch on random ViT-B/16 open_clip weights, each side in a fresh process
+  (benchmarks/legrad_bench.py; ``--model`` does not apply: the peer needs an open_clip model)."""
+  import tempfile
+  lb = _sibling("legrad_bench")
+  rows = []
+  with tempfile.TemporaryDirectory() as d:
+    weights = os.path.join(d, "vitb16.pt")
+    lb.save_weights(weights)
+    for size in (224, 448):
+      for name in lb.CASES:
+        t = lb.run_case("torch", name, size, ctx.n, weights, script=lb.__file__)
+        j = lb.run_case("jax", name, size, ctx.n, weights, script=lb.__file__)
+        rows.append(Row("legrad", f"{name} @{size}", j["median"], t["median"], "legrad-torch 1.1"))
+  return rows
+
+
+@case("m2ib")
+def m2ib_case(ctx: Context) -> list[Row]:
+  """M2IB (image + text maps of one pair) vs the PyTorch port of the authors' code
+  (benchmarks/m2ib_bench.py in a subprocess; ViT-B/16-sized random HF CLIP)."""
+  import json
+  import subprocess
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "m2ib.json")
+    subprocess.run([sys.executable, os.path.join(HERE, "m2ib_bench.py"), "--runs", str(ctx.n),
+                    "--torch-runs", "1", "--skip-parity", "--json", out], check=True,
+                   stdout=subprocess.DEVNULL)
+    with open(out) as f:
+      r = json.load(f)
+  ours = r["ours_warm_median_s"]
+  return [Row("m2ib", "1 pair, image + text", ours, r["torch_official_median_s"], "torch port, as official"),
+          Row("m2ib", "1 pair, image + text", ours, r["torch_frozen_median_s"], "torch port, frozen weights")]
 
 
 def main(argv=None) -> int:

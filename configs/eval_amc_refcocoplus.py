@@ -6,27 +6,27 @@ original size, first row-major argmax; hit iff strictly inside the box (x1 < x <
 y1 < y < y1 + h, no tolerance) (notes/amc-and-local-alignment.md §7).
 Data:  python -m trace_jax.data.real.refcoco --config refcocoplus_unc --manual_dir ~/datasets/refer
 Model: as eval_amc_flickr30k.py (AMC-finetuned CLIP from configs/amc.py).
+Run:   python evaluate.py --config configs/eval_amc_refcocoplus.py --config.eval.dataset.split=testB
 """
-import ml_collections
+import importlib.util
+import os
+
+
+def _base():
+  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.eval = e = ml_collections.ConfigDict()
-  e.task = 'pointing_game'
-  e.paper = 'AMC (Yang et al., CVPR 2023) Table 1: RefCOCO+ testA / testB'
-  e.dataset = ml_collections.ConfigDict(dict(
+  b = _base()
+  return b.base(
+      'pointing_game', 'AMC (Yang et al., CVPR 2023) Table 1: RefCOCO+ testA / testB',
       name='trace_refcoco', config='refcocoplus_unc', split='testA', splits=('testA', 'testB'),
-      manual_dir='~/datasets/refer', data_dir='~/tensorflow_datasets'))
-  e.text = 'sentences'
-  e.hit = 'strictly_inside'         # the ref box (feature 'ref_boxes')
-  e.checkpoint = '~/runs/amc/model'
-  e.convert = 'python train.py --config configs/amc.py --workdir ~/runs/amc'
-  e.method = ml_collections.ConfigDict(dict(
-      name='gradcam', layer=-1, target='similarity', grad_relu='before_product', head_mean=True,
-      upsample='bicubic', normalize=False))
-  e.image_size = 384
-  e.pos_interp = 'torch_bicubic'
-  e.batch_size = 32
-  e.metrics = ('pointing_accuracy',)
-  return c
+      manual_dir='~/datasets/refer', checkpoint='~/runs/amc/model',
+      convert='python train.py --config configs/amc.py --workdir ~/runs/amc',
+      method=b.amc_gradcam(), image_size=384,
+      pos_interp='torch_bicubic', metrics=('pointing_accuracy',),
+      text='sentences',              # one query per sentence; GT = the ref box (feature 'ref_boxes')
+      per_category='')

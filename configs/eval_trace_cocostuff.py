@@ -1,32 +1,37 @@
 """TRACE patch-token grounding on COCO-Stuff val2017 (TRACE slides: precision / recall / mIoU at
 threshold 0.5).
 
-For each caption word that names a COCO-Stuff label (feature `word_labels`, coco.py vocabulary), the
+For each caption word that names COCO-Stuff labels (feature `word_labels`, coco.py vocabulary), the
 ground truth is the pixels of those labels in the stuffthingmaps label map; the model's word-to-patch
-map is min-max normalised, upsampled to the image, binarised at 0.5, and scored by precision, recall
-and IoU (averaged over grounded words).
+map ([0, 1]) is bilinearly upsampled to the original image, binarised at >= 0.5, and scored by
+precision, recall and IoU (macro over grounded caption words; micro = pooled pixels).
+Methods: 'trace' = the TRACE heatmap (13) of a TRACE train.py workdir (words outside its vocabulary
+are counted and skipped); 'clip' = patch-word cosine of any CLIP model dir (ln_post + proj on the
+patch tokens vs the word's text embedding, min-max per map; trace_jax/trace/evaluate.py).
 Data:  python -m trace_jax.data.real.coco --config stuff_val2017 --manual_dir ~/datasets/coco
-Model: a TRACE (CRATE image encoder) model dir written by the TRACE training config (issue 6), or a
-  CLIP baseline: trace-jax convert --from openai ViT-B-16.pt ~/models/openai-vit-b-16
+Model: a TRACE workdir from `python train.py --config configs/trace.py --workdir ~/runs/trace`, or a
+  CLIP baseline: trace-jax convert --from openai ViT-B-16.pt ~/models/openai-vit-b-16 with
+  --config.eval.method.name=clip
+Run:   python evaluate.py --config configs/eval_trace_cocostuff.py [--checkpoint DIR]
 The slides give no layer / normalisation choice: those here are ours.
 """
-import ml_collections
+import importlib.util
+import os
+
+
+def _base():
+  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.eval = e = ml_collections.ConfigDict()
-  e.task = 'token_grounding'
-  e.paper = 'TRACE (Nguyen & Nguyen, 2025) slides: precision / recall / mIoU @ 0.5'
-  e.dataset = ml_collections.ConfigDict(dict(
+  b = _base()
+  return b.base(
+      'trace_grounding', 'TRACE (Nguyen & Nguyen, 2025) slides: precision / recall / mIoU @ 0.5',
       name='trace_coco', config='stuff_val2017', split='val2017', manual_dir='~/datasets/coco',
-      data_dir='~/tensorflow_datasets'))
-  e.ground_truth = 'word_labels'    # (word index, label value) pairs; mask = isin(label_map, labels)
-  e.checkpoint = '~/runs/trace/model'
-  e.convert = 'python train.py --config configs/trace.py --workdir ~/runs/trace'
-  e.method = ml_collections.ConfigDict(dict(name='trace', normalize='minmax', upsample='bilinear'))
-  e.threshold = 0.5
-  e.image_size = 224
-  e.batch_size = 32
-  e.metrics = ('precision', 'recall', 'miou')
-  return c
+      checkpoint='~/runs/trace', convert='python train.py --config configs/trace.py --workdir ~/runs/trace',
+      method=dict(name='trace'),     # 'trace' (TRACE workdir) | 'clip' (any CLIP model dir)
+      image_size=224, metrics=('precision', 'recall', 'miou'),
+      threshold=0.5)                 # image_size is replaced by the TRACE model's own for 'trace'

@@ -201,29 +201,49 @@ def test_gradcam_one_image_many_prompts_equals_pairs(tiny):
   np.testing.assert_allclose(np.asarray(many), np.asarray(pairs), rtol=1e-5, atol=1e-9)
 
 
+def _float64_model(cfg):
+  """build(cfg) computing in float64 throughout (call under ``jax.enable_x64``)."""
+  model = build(cfg.replace(dtype="float64"))
+  s = cfg.vision.image_size
+  out, aux = jax.eval_shape(lambda: model.init_with_output(
+      jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3), jnp.float64), jnp.ones((1, 4), jnp.int32))[0])
+  blk = aux["image"]["blocks"][0]
+  got = {out["image_embeds"].dtype, out["text_embeds"].dtype, blk["attn"].dtype, blk["tokens"].dtype}
+  assert got == {jnp.dtype(jnp.float64)}, f"the float64 model computes parts in {sorted(map(str, got))}"
+  return model
+
+
 @pytest.mark.parametrize("relu_grad", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_gradcam_second_order_grad_matches_finite_differences(tiny, relu_grad):
-  """d/dparams of a function of the cam (AMC trains through it) vs central finite differences."""
-  cfg, model, params, images, ids = tiny
-  w = jnp.asarray(np.random.default_rng(3).normal(size=(3, 4, 4)), jnp.float32)
+  """d/dparams of a function of the cam (AMC trains through it) vs central finite differences.
 
-  def f(p):
-    cam = gc.gradcam_grid(model, p, images, ids, relu_grad=relu_grad, relu=False)
-    return jnp.sum(cam * w) * 100.0
-
-  f = jax.jit(f)
-  g = jax.jit(jax.grad(f))(params)
+  In float64 (model, params, images, FD), so the check is tight: with a per-element step of 1e-6 the
+  central-difference truncation error is O(h^2) ~ 1e-12 relative and rounding ~ 1e-16 / 1e-6;
+  measured |fd - dirderiv| / |dirderiv| ~ 2e-9 (relu_grad=True). The step is far too small to cross
+  a kink of relu(G) for these fixed seeds. Tolerance rtol 1e-6."""
+  cfg, _, params, images, ids = tiny
+  w = np.random.default_rng(3).normal(size=(3, 4, 4))
   r = np.random.default_rng(4)
-  v = jax.tree.map(lambda l: jnp.asarray(r.normal(size=l.shape), jnp.float32), params)
-  dirderiv = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
-  # small step: relu(G) has kinks; 1e-4 per element keeps FD on one smooth piece (float32 FD noise
-  # ~1e-7 / 1e-4 ~ 1e-3 absolute vs a derivative of O(10))
-  h = 1e-4
-  plus = f(jax.tree.map(lambda a, b: a + h * b, params, v))
-  minus = f(jax.tree.map(lambda a, b: a - h * b, params, v))
-  fd = (plus - minus) / (2 * h)
-  assert abs(float(dirderiv)) > 1e-3  # the test can fail: the gradient is not trivially zero
-  np.testing.assert_allclose(float(dirderiv), float(fd), rtol=2e-2)
+  v = jax.tree.map(lambda l: r.normal(size=l.shape), params)
+  with jax.enable_x64(True):
+    model = _float64_model(cfg)
+    f64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    params, v, images, w = f64(params), f64(v), f64(images), jnp.asarray(w, jnp.float64)
+
+    def f(p):
+      cam = gc.gradcam_grid(model, p, images, ids, relu_grad=relu_grad, relu=False)
+      return jnp.sum(cam * w) * 100.0
+
+    f = jax.jit(f)
+    assert f(params).dtype == jnp.float64
+    g = jax.jit(jax.grad(f))(params)
+    dirderiv = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    h = 1e-6
+    plus = f(jax.tree.map(lambda a, b: a + h * b, params, v))
+    minus = f(jax.tree.map(lambda a, b: a - h * b, params, v))
+    fd = float(plus - minus) / (2 * h)
+  assert abs(dirderiv) > 1e-3  # the test can fail: the gradient is not trivially zero
+  np.testing.assert_allclose(dirderiv, fd, rtol=1e-6)
   # both towers receive gradient (through F, G and the text target)
   assert float(jnp.abs(g["text"]["text_projection"]).max()) > 0
   assert float(jnp.abs(g["visual"]["transformer"]["block_0"]["attn"]["query"]["kernel"]).max()) > 0

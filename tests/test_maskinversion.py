@@ -15,6 +15,7 @@ from conftest import torch_or_skip
 from test_legrad import Peer, tiny_model_cfg
 from trace_jax.attribution import legrad as lg
 from trace_jax.inversion import maskinversion as mi
+from trace_jax.resize import torch_bilinear_matrix
 
 LET_RTOL = 1e-3
 LOSS_TOL = 1e-5
@@ -107,7 +108,7 @@ def test_resize_matrix_matches_torch_and_jax():
   x = np.random.default_rng(0).standard_normal((6, 7)).astype(np.float32)
   for out_hw in ((96, 112), (80, 72), (6, 7), (4, 3)):
     ref = F.interpolate(torch.tensor(x)[None, None], size=out_hw, mode="bilinear").numpy()[0, 0]
-    mh, mw = mi.resize_matrix(6, out_hw[0]), mi.resize_matrix(7, out_hw[1])
+    mh, mw = torch_bilinear_matrix(6, out_hw[0]), torch_bilinear_matrix(7, out_hw[1])
     np.testing.assert_allclose(mh @ x @ mw.T, ref, atol=1e-5)  # torch computes in fp32
     jx = jax.image.resize(jnp.asarray(x), out_hw, method="linear", antialias=False)
     np.testing.assert_allclose(mh @ x @ mw.T, np.asarray(jx), atol=1e-5)
@@ -162,7 +163,10 @@ def test_several_images(tiny):
   assert isinstance(both, list) and both[1]["lets"].shape == (4, tiny.cfg.embed_dim)
   for b, m in ((0, m0), (1, m1)):
     one = mi.invert(tiny.model, tiny.params, imgs[b], m, mode="exact", lr=0.5)
-    _close(both[b]["lets"], one["lets"], 1e-4)
+    # Not bitwise: vmapping over the images changes XLA's matmul shapes, hence the float32 rounding,
+    # and Adam at lr 0.5 amplifies it on coordinates whose gradient is near eps (measured up to 4e-4
+    # of max|LET| on some CPUs). LET_RTOL is the float32 tolerance of notes/legrad-maskinversion.md.
+    _close(both[b]["lets"], one["lets"], LET_RTOL)
     np.testing.assert_allclose(both[b]["losses"], one["losses"], atol=1e-6)
 
 
@@ -178,7 +182,7 @@ def test_optimisation_behaviour(tiny):
   losses = out["losses"]
   assert losses[-1] < losses[0]
   assert out["dice_final"][0] < out["dice0"][0]
-  mh, mw = mi.resize_matrix(96, MASK_HW[0]), mi.resize_matrix(96, MASK_HW[1])
+  mh, mw = torch_bilinear_matrix(96, MASK_HW[0]), torch_bilinear_matrix(96, MASK_HW[1])
   to_mask = lambda m: mh @ m @ mw.T
   z0n = out["z0"] / np.linalg.norm(out["z0"])
   q = out["lets"][0] / np.linalg.norm(out["lets"][0])

@@ -18,19 +18,9 @@ import jax
 import numpy as np
 
 from trace_jax.models.config import CLIPConfig
+from trace_jax.treecheck import check_shapes, flatten, shapes_of  # noqa: F401 - flatten re-exported
 
 FORMAT = "trace_jax.model"
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(flatten(v, key))
-    else:
-      out[key] = v
-  return out
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -58,29 +48,19 @@ def expected_shapes(cfg: CLIPConfig) -> dict[str, tuple[int, ...]]:
 
 def check_params(params: dict, cfg: CLIPConfig, what: str = "checkpoint") -> None:
   """Raise ValueError listing missing / unexpected / mis-shaped parameters."""
-  want = expected_shapes(cfg)
-  have = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  wrong = sorted(f"{k}: {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
-  if missing or unexpected or wrong:
-    lines = [f"{what} does not match the model config:"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if wrong:
-      lines.append(f"  mis-shaped keys ({len(wrong)}): " + "; ".join(wrong))
-    raise ValueError("\n".join(lines))
+  check_shapes(expected_shapes(cfg), shapes_of(flatten(params)), f"{what} does not match the model config:")
 
 
-def save_model(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
-               tokenizer_files: dict[str, str] | None = None) -> str:
-  """Write params (orbax) + config.json atomically enough: config last, so a half-written dir fails to load."""
+def write_model_dir(directory: str, params: dict, meta: dict, *,
+                    tokenizer_files: dict[str, str] | None = None) -> str:
+  """DIR/params (orbax, float32) [+ DIR/tokenizer/*] then DIR/config.json = ``meta``.
+
+  config.json is written last (through a rename), so a half-written directory fails to load.
+  Shared by ``save_model`` and the CRATE classifier directories (trace_jax/convert/crate.py).
+  """
   import orbax.checkpoint as ocp
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
-  check_params(params, cfg, "params to save")
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(os.path.join(directory, "params"), params, force=True)
@@ -91,9 +71,6 @@ def save_model(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "
     for name, content_path in tokenizer_files.items():
       with open(content_path, "rb") as src, open(os.path.join(tok_dir, name), "wb") as dst:
         dst.write(src.read())
-  meta = cfg.to_dict()
-  meta["format"] = FORMAT
-  meta["source"] = source
   tmp = os.path.join(directory, "config.json.tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
@@ -101,25 +78,43 @@ def save_model(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "
   return directory
 
 
-def load_config(directory: str) -> CLIPConfig:
+def read_meta(directory: str, fmt: str, what: str, hint: str = "") -> dict:
+  """config.json of a model directory without its "format" / "source" entries; refuses another format."""
   path = os.path.join(directory, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} is not a trace_jax model directory: {path} is missing "
-                            f"(create one with `trace-jax convert`)")
+    raise FileNotFoundError(f"{directory} is not a {what}: {path} is missing{hint}")
   with open(path) as f:
     meta = json.load(f)
-  if meta.pop("format", None) != FORMAT:
-    raise ValueError(f"{path}: not a {FORMAT} config")
+  if meta.pop("format", None) != fmt:
+    raise ValueError(f"{path}: not a {fmt} config")
   meta.pop("source", None)
-  return CLIPConfig.from_dict(meta)
+  return meta
+
+
+def read_params(directory: str) -> dict:
+  """The params tree (NumPy arrays) of DIR/params, unchecked."""
+  import orbax.checkpoint as ocp
+  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"))
+  return jax.tree.map(np.asarray, params)
+
+
+def save_model(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
+               tokenizer_files: dict[str, str] | None = None) -> str:
+  """Write params (orbax) + config.json atomically enough: config last, so a half-written dir fails to load."""
+  check_params(params, cfg, "params to save")
+  meta = {**cfg.to_dict(), "format": FORMAT, "source": source}
+  return write_model_dir(directory, params, meta, tokenizer_files=tokenizer_files)
+
+
+def load_config(directory: str) -> CLIPConfig:
+  return CLIPConfig.from_dict(read_meta(directory, FORMAT, "trace_jax model directory",
+                                        " (create one with `trace-jax convert`)"))
 
 
 def load_model(directory: str) -> tuple[CLIPConfig, dict]:
   """(config, float32 params) from a model directory, validated against the config."""
-  import orbax.checkpoint as ocp
   cfg = load_config(directory)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"))
-  params = jax.tree.map(np.asarray, params)
+  params = read_params(directory)
   check_params(params, cfg, f"checkpoint {directory}")
   return cfg, params
 

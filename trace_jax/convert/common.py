@@ -12,6 +12,8 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from trace_jax.treecheck import check_shapes, shapes_of
+
 # Non-parameter entries that some checkpoints carry (notes/checkpoint-formats.md): OpenAI's
 # TorchScript attributes, HF's position_ids buffers, open_clip's (normally non-persistent) masks.
 IGNORED_KEYS = re.compile(r"(^|\.)(position_ids|input_resolution|context_length|vocab_size|attn_mask)$")
@@ -95,27 +97,13 @@ def check_source(sd: Mapping[str, np.ndarray], want: Mapping[str, tuple[int, ...
 
   A scalar stored as shape [1] (or vice versa) is accepted. Known buffers are ignored.
   """
-  have = {k: tuple(np.shape(v)) for k, v in drop_ignored(sd).items()}
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  wrong = sorted(f"{k}: {have[k]} != expected {tuple(want[k])}" for k in set(want) & set(have)
-                 if have[k] != tuple(want[k]) and not (int(np.prod(have[k])) == 1 == int(np.prod(want[k]))))
-  if missing or unexpected or wrong:
-    lines = [f"{what} does not match the model it describes:"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + _some(missing, ", "))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + _some(unexpected, ", "))
-    if wrong:
-      lines.append(f"  mis-shaped keys ({len(wrong)}): " + _some(wrong, "; "))
-    if len(missing) > len(want) // 2:
-      lines.append("  (most expected keys are absent: is this the right --from layout / --model-name?)")
-    raise ValueError("\n".join(lines))
+  check_shapes(want, shapes_of(drop_ignored(sd)), f"{what} does not match the model it describes:",
+               same=_same_shape,
+               hint="most expected keys are absent: is this the right --from layout / --model-name?")
 
 
-def _some(items: list[str], sep: str, limit: int = 40) -> str:
-  more = f"{sep}... and {len(items) - limit} more" if len(items) > limit else ""
-  return sep.join(items[:limit]) + more
+def _same_shape(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+  return have == want or int(np.prod(have)) == 1 == int(np.prod(want))  # scalar as [] or [1]
 
 
 # ---------------------------------------------------------------------------------------------

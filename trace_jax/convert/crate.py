@@ -27,7 +27,9 @@ import re
 
 import numpy as np
 
+from trace_jax.checkpoints import read_meta, read_params, write_model_dir
 from trace_jax.models.crate import CLASSIFIERS, CrateConfig, classifier_config
+from trace_jax.treecheck import check_shapes, flatten, shapes_of
 
 FORMAT = "trace_jax.crate_classifier"
 
@@ -103,21 +105,9 @@ def torch_shapes(cfg: CrateConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state_dict(sd: dict[str, np.ndarray], cfg: CrateConfig, what: str = "CRATE checkpoint") -> None:
   """Raise ValueError listing missing / unexpected / mis-shaped keys."""
-  want = torch_shapes(cfg)
-  have = {k: tuple(np.shape(v)) for k, v in sd.items()}
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  wrong = sorted(f"{k}: {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
-  if missing or unexpected or wrong:
-    lines = [f"{what} does not match the CRATE config (dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, "
-             f"dim_head {cfg.dim_head}, patch {cfg.patch_size}, image {cfg.image_size}):"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-    if wrong:
-      lines.append(f"  mis-shaped keys ({len(wrong)}): " + "; ".join(wrong))
-    raise ValueError("\n".join(lines))
+  check_shapes(torch_shapes(cfg), shapes_of(sd),
+               f"{what} does not match the CRATE config (dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, "
+               f"dim_head {cfg.dim_head}, patch {cfg.patch_size}, image {cfg.image_size}):")
 
 
 def _need(sd, key):
@@ -192,14 +182,6 @@ def params_from_state_dict(sd: dict[str, np.ndarray], cfg: CrateConfig) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Model directories.
 
-def _flatten(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}/{k}" if prefix else str(k)
-    out.update(_flatten(v, key) if isinstance(v, dict) else {key: v})
-  return out
-
-
 def check_params(params: dict, cfg: CrateConfig, what: str = "params") -> None:
   """Raise ValueError listing missing / unexpected / mis-shaped entries against CrateClassifier(cfg)."""
   import flax.linen as nn
@@ -208,50 +190,20 @@ def check_params(params: dict, cfg: CrateConfig, what: str = "params") -> None:
   from trace_jax.models.crate import CrateClassifier
   shapes = jax.eval_shape(lambda: nn.unbox(CrateClassifier(cfg).init(
       jax.random.PRNGKey(0), jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.channels)))["params"]))
-  want = {k: tuple(v.shape) for k, v in _flatten(shapes).items()}
-  have = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
-  missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-  wrong = sorted(f"{k}: {have[k]} != expected {want[k]}" for k in set(want) & set(have) if have[k] != want[k])
-  if missing or unexpected or wrong:
-    raise ValueError(f"{what} does not match the CRATE config: missing {missing}, unexpected {unexpected}, "
-                     f"mis-shaped {wrong}")
+  check_shapes(shapes_of(flatten(shapes)), shapes_of(flatten(params)), f"{what} does not match the CRATE config:")
 
 
 def save_classifier(directory: str, params: dict, cfg: CrateConfig, *, source: str = "") -> str:
   """Write params (orbax) then config.json (last, so a half-written directory fails to load)."""
-  import jax
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
   check_params(params, cfg, "params to save")
-  params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(directory, "params"), params, force=True)
-  ckpt.wait_until_finished()
-  meta = json.loads(cfg.to_json())
-  meta.update(format=FORMAT, source=source)
-  tmp = os.path.join(directory, "config.json.tmp")
-  with open(tmp, "w") as fh:
-    json.dump(meta, fh, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, "config.json"))
-  return directory
+  meta = {**json.loads(cfg.to_json()), "format": FORMAT, "source": source}
+  return write_model_dir(directory, params, meta)
 
 
 def load_classifier(directory: str) -> tuple[CrateConfig, dict]:
   """(CrateConfig, float32 params) of a directory written by ``save_classifier``, validated."""
-  import jax
-  import orbax.checkpoint as ocp
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{directory} is not a CRATE classifier directory: {path} is missing")
-  with open(path) as fh:
-    meta = json.load(fh)
-  if meta.pop("format", None) != FORMAT:
-    raise ValueError(f"{path}: not a {FORMAT} config")
-  meta.pop("source", None)
-  cfg = CrateConfig.from_dict(meta)
-  params = ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(directory), "params"))
-  params = jax.tree.map(np.asarray, params)
+  cfg = CrateConfig.from_dict(read_meta(directory, FORMAT, "CRATE classifier directory"))
+  params = read_params(directory)
   check_params(params, cfg, f"checkpoint {directory}")
   return cfg, params
 
@@ -269,7 +221,7 @@ def convert_cli(args) -> int:
   """Entry of ``trace-jax convert --from crate SRC DST [--model-name crate-s] [--heads H]``."""
   cfg, params = convert(args.src, args.dst, model_name=getattr(args, "model_name", None),
                         heads=getattr(args, "heads", None), pool=getattr(args, "pool", None) or "cls")
-  n = sum(int(np.prod(np.shape(v))) for v in _flatten(params).values())
+  n = sum(int(np.prod(np.shape(v))) for v in flatten(params).values())
   print(f"wrote {args.dst}: CRATE dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}x{cfg.dim_head}, "
         f"patch {cfg.patch_size}, image {cfg.image_size}, {cfg.num_classes} classes, {n:,} parameters")
   return 0

@@ -54,7 +54,10 @@ def cosine_scores(queries, keys) -> np.ndarray:
   k = np.asarray(keys, np.float64)
   q = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
   k = k / np.maximum(np.linalg.norm(k, axis=-1, keepdims=True), 1e-12)
-  return q @ k.T
+  # einsum, not BLAS: a BLAS GEMM may accumulate different columns in different orders (SIMD edge
+  # kernels), so identical candidates (e.g. [CLS] for every mask) would not tie exactly and the
+  # stable tie-break by index would depend on the machine's BLAS build.
+  return np.einsum('qe,ne->qn', q, k)
 
 
 def topk(scores, k: int) -> np.ndarray:

@@ -61,14 +61,12 @@ MODES = ("auto", "exact", "decomposed")
 
 # ----------------------------------------------------------------------------- resize operators
 
-resize_matrix = torch_bilinear_matrix  # torch bilinear, no antialias (trace_jax/resize.py)
-
-
 def _operators(grid_hw, ps, mask_hw):
-  """Upsampling U [g*ps, g] and composite grid->mask C = M U [Hm, g] per axis (float32 numpy)."""
+  """Upsampling U [g*ps, g] and composite grid->mask C = M U [Hm, g] per axis (float32 numpy);
+  torch bilinear without antialias, as the official code resizes (trace_jax/resize.py)."""
   (gh, gw), (hm, wm) = grid_hw, mask_hw
-  uh, uw = resize_matrix(gh, gh * ps), resize_matrix(gw, gw * ps)
-  mh, mw = resize_matrix(gh * ps, hm), resize_matrix(gw * ps, wm)
+  uh, uw = torch_bilinear_matrix(gh, gh * ps), torch_bilinear_matrix(gw, gw * ps)
+  mh, mw = torch_bilinear_matrix(gh * ps, hm), torch_bilinear_matrix(gw * ps, wm)
   return uh, uw, mh @ uh, mw @ uw
 
 

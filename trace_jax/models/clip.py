@@ -21,11 +21,11 @@ import jax.numpy as jnp
 
 from trace_jax.models import posemb
 from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
-from trace_jax.models.layers import LayerNorm, Transformer, part
+from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, part
 
 
 def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}[name]
 
 
 def check_images(images: jax.Array, cfg: VisionConfig) -> None:
@@ -81,7 +81,7 @@ class VisionTransformer(nn.Module):
 
   def project(self, pooled):
     """ln_post then projection: [.., width] -> [.., embed] (un-normalised)."""
-    return (self.ln_post(pooled) @ self.proj.astype(self.dtype)).astype(jnp.float32)
+    return (self.ln_post(pooled) @ self.proj.astype(self.dtype)).astype(acc_dtype(self.dtype))
 
   def __call__(self, images, pos_interp: str | None = None):
     x = self.ln_pre(self.embed_patches(images, pos_interp))
@@ -129,7 +129,7 @@ class TextTransformer(nn.Module):
     x = self.ln_final(x)
     eot = self.eot_index(ids)
     pooled = jnp.take_along_axis(x, eot[..., None, None], axis=-2)[..., 0, :]
-    emb = (pooled @ self.text_projection.astype(self.dtype)).astype(jnp.float32)
+    emb = (pooled @ self.text_projection.astype(self.dtype)).astype(acc_dtype(self.dtype))
     return emb, {"blocks": blocks, "tokens": x, "eot": eot}
 
 

@@ -311,8 +311,8 @@ class CrateTrunk(nn.Module):
 
   def setup(self):
     c = self.cfg
-    patch_dim = c.channels * c.patch_size ** 2
-    # to_patch_embedding = [Rearrange, LayerNorm(patch_dim), Linear(patch_dim, dim), LayerNorm(dim)].
+    # to_patch_embedding = [Rearrange, LayerNorm(patch_dim), Linear(patch_dim, dim), LayerNorm(dim)],
+    # patch_dim = channels * patch_size**2 (flax infers it from the input).
     self.patch_ln_1 = LayerNorm(None, self.dtype)
     self.patch_proj = nn.Dense(c.dim, dtype=self.dtype, param_dtype=jnp.float32,
                                kernel_init=part(_torch_linear_init, (None, "embed")),

@@ -33,19 +33,27 @@ def gelu(x):
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
+def acc_dtype(dtype: Dtype):
+  """Dtype of the precision-sensitive parts (LayerNorm, attention logits / softmax, projected
+  embeddings): at least float32, as open_clip upcasts them for bf16 / fp16; float64 stays float64
+  (the float64 model that the tight finite-difference tests use)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def part(init, axes):
   return nn.with_logical_partitioning(init, axes)
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm in float32 (like open_clip's LayerNorm for low precision), cast back."""
+  """LayerNorm in at least float32 (like open_clip's LayerNorm for low precision), cast back."""
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+    acc = acc_dtype(self.dtype)
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=acc, param_dtype=jnp.float32, use_fast_variance=False,
                      scale_init=part(nn.initializers.ones, ("embed",)),
-                     bias_init=part(nn.initializers.zeros, ("embed",)), name="ln")(x.astype(jnp.float32))
+                     bias_init=part(nn.initializers.zeros, ("embed",)), name="ln")(x.astype(acc))
     return y.astype(self.dtype)
 
 
@@ -72,7 +80,7 @@ class MultiHeadAttention(nn.Module):
     q = proj("query")(x) * (hd ** -0.5)  # scale q before the product, as torch MHA and HF do
     k = proj("key")(x)
     v = proj("value")(x)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(acc_dtype(self.dtype))
     if mask is not None:
       logits = jnp.where(mask, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -82,6 +90,24 @@ class MultiHeadAttention(nn.Module):
                           kernel_init=part(init, ("heads", "kv", "embed")),
                           bias_init=part(nn.initializers.zeros, ("embed",)))(out)
     return out, probs
+
+
+def mlp(h, hidden: int, act: str, dtype: Dtype):
+  """The transformer MLP [.., W] -> [.., W]: Dense(hidden) ``mlp_fc``, activation, Dense(W) ``mlp_proj``.
+
+  A plain function, not a module: called inside a compact ``__call__`` its two Dense layers are the
+  caller's children, so the parameters keep the flat OpenAI names (``block_i/mlp_fc``,
+  ``block_i/mlp_proj``) that the converters and checkpoints use. Init as open_clip's
+  (std (2W)^-1/2 and hidden^-1/2).
+  """
+  width = h.shape[-1]
+  h = nn.Dense(hidden, dtype=dtype, param_dtype=jnp.float32, name="mlp_fc",
+               kernel_init=part(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
+               bias_init=part(nn.initializers.zeros, ("mlp",)))(h)
+  h = ACTIVATIONS[act](h)
+  return nn.Dense(width, dtype=dtype, param_dtype=jnp.float32, name="mlp_proj",
+                  kernel_init=part(nn.initializers.normal(hidden ** -0.5), ("mlp", "embed")),
+                  bias_init=part(nn.initializers.zeros, ("embed",)))(h)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -97,16 +123,7 @@ class ResidualAttentionBlock(nn.Module):
     y, probs = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
         LayerNorm(self.dtype, name="ln_1")(x), mask)
     x = x + y
-    h = LayerNorm(self.dtype, name="ln_2")(x)
-    hidden = int(width * self.mlp_ratio)
-    h = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_fc",
-                 kernel_init=part(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
-                 bias_init=part(nn.initializers.zeros, ("mlp",)))(h)
-    h = ACTIVATIONS[self.act](h)
-    h = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_proj",
-                 kernel_init=part(nn.initializers.normal(hidden ** -0.5), ("mlp", "embed")),
-                 bias_init=part(nn.initializers.zeros, ("embed",)))(h)
-    x = x + h
+    x = x + mlp(LayerNorm(self.dtype, name="ln_2")(x), int(width * self.mlp_ratio), self.act, self.dtype)
     x = self.perturb("tokens", x)
     return x, {"attn": probs, "tokens": x}
 

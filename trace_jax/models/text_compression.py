@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from trace_jax.models.layers import ACTIVATIONS, LayerNorm, part
+from trace_jax.models.layers import LayerNorm, mlp, part
 
 
 class CrossAttention(nn.Module):
@@ -67,16 +67,7 @@ class CompressionBlock(nn.Module):
     width = r.shape[-1]
     r = r + CrossAttention(self.num_heads, self.dtype, name="attn")(
         LayerNorm(self.dtype, name="ln_q")(r), LayerNorm(self.dtype, name="ln_kv")(t), valid)
-    h = LayerNorm(self.dtype, name="ln_2")(r)
-    hidden = int(width * self.mlp_ratio)
-    h = nn.Dense(hidden, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_fc",
-                 kernel_init=part(nn.initializers.normal((2 * width) ** -0.5), ("embed", "mlp")),
-                 bias_init=part(nn.initializers.zeros, ("mlp",)))(h)
-    h = ACTIVATIONS[self.act](h)
-    h = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name="mlp_proj",
-                 kernel_init=part(nn.initializers.normal(hidden ** -0.5), ("mlp", "embed")),
-                 bias_init=part(nn.initializers.zeros, ("embed",)))(h)
-    return r + h
+    return r + mlp(LayerNorm(self.dtype, name="ln_2")(r), int(width * self.mlp_ratio), self.act, self.dtype)
 
 
 class TextCompression(nn.Module):

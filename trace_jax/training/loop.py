@@ -254,7 +254,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches: Callable 
   step = start
   status = "finished"
   t_last, n_last = time.perf_counter(), start
-  pending = None
   with jax.set_mesh(mesh), _Preemption() as pre:
     it = batches(start)
     while step < total:
