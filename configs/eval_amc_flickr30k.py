@@ -11,25 +11,16 @@ Model: the AMC-finetuned CLIP written by `python train.py --config configs/amc.p
   encoder) and is not convertible; a CLIP baseline is `trace-jax convert --from openai ViT-B-16.pt`.
 Run:   python evaluate.py --config configs/eval_amc_flickr30k.py [--checkpoint DIR]
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  b = _base()
-  return b.base(
+  return rc.base(
       'pointing_game', 'AMC (Yang et al., CVPR 2023) Tables 1, 2, 4: Flickr30k Entities',
       name='trace_flickr30k_entities', config='default', split='test', splits=('val', 'test'),
       manual_dir='~/datasets/flickr30k_entities', checkpoint='~/runs/amc/model',
       convert='python train.py --config configs/amc.py --workdir ~/runs/amc',
-      method=b.amc_gradcam(), image_size=256, metrics=('pointing_accuracy',),
+      method=rc.amc_gradcam(), image_size=256, metrics=('pointing_accuracy',),
       text='phrases',                # phrases with phrase_has_box (scene / no-box entities excluded)
       per_category='phrase_type')
 

@@ -8,25 +8,16 @@ Data:  python -m trace_jax.data.real.refcoco --config refcocoplus_unc --manual_d
 Model: as eval_amc_flickr30k.py (AMC-finetuned CLIP from configs/amc.py).
 Run:   python evaluate.py --config configs/eval_amc_refcocoplus.py --config.eval.dataset.split=testB
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  b = _base()
-  return b.base(
+  return rc.base(
       'pointing_game', 'AMC (Yang et al., CVPR 2023) Table 1: RefCOCO+ testA / testB',
       name='trace_refcoco', config='refcocoplus_unc', split='testA', splits=('testA', 'testB'),
       manual_dir='~/datasets/refer', checkpoint='~/runs/amc/model',
       convert='python train.py --config configs/amc.py --workdir ~/runs/amc',
-      method=b.amc_gradcam(), image_size=384,
+      method=rc.amc_gradcam(), image_size=384,
       pos_interp='torch_bicubic', metrics=('pointing_accuracy',),
       text='sentences',              # one query per sentence; GT = the ref box (feature 'ref_boxes')
       per_category='')

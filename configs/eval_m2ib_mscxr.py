@@ -14,20 +14,11 @@ Settings (notes/m2ib.md §1-2): bottleneck after vision block 9 and text block 9
 demo uses text layer 7), beta = 1 (MS-CXR demo), 10 Adam steps, lr 1, 10 noise copies (`samples`);
 the official `var` has no effect (sigma = None reproduces that). Only the image map is optimised.
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  b = _base()
-  return b.base(
+  return rc.base(
       'm2ib_localization', 'M2IB (Wang et al., NeurIPS 2023) Table 1, MS-CXR % Localization',
       name='trace_mscxr', config='v1_1_0', split='test', manual_dir='~/datasets/ms-cxr',
       checkpoint='~/models/cxr-repair-vit-b-32',

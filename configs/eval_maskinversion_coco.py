@@ -5,21 +5,13 @@ category prompts; Acc@1/5/10. (Table 4 ablation: `--config.eval.query=box` uses 
 Data:  python -m trace_jax.data.real.coco --config instances_val2017 --manual_dir ~/datasets/coco
 Model: trace-jax convert --from openai ViT-B-16.pt ~/models/openai-vit-b-16
 Run:   python evaluate.py --config configs/eval_maskinversion_coco.py [--checkpoint DIR]
-Settings: base_eval.maskinversion_class_retrieval (as eval_maskinversion_voc.py).
+Settings: real_config.maskinversion_class_retrieval (as eval_maskinversion_voc.py).
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  return _base().maskinversion_class_retrieval(
+  return rc.maskinversion_class_retrieval(
       'COCO', name='trace_coco', config='instances_val2017', split='val2017',
       manual_dir='~/datasets/coco',
       query='instance_mask',         # 'instance_mask' | 'box' (Table 4); crowd annotations skipped

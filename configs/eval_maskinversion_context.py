@@ -5,21 +5,13 @@ LET is matched against the 59 class prompts; Acc@1/5/10.
 Data:  python -m trace_jax.data.real.voc --config context59 --manual_dir ~/datasets/pascal_context
 Model: trace-jax convert --from openai ViT-B-16.pt ~/models/openai-vit-b-16
 Run:   python evaluate.py --config configs/eval_maskinversion_context.py [--checkpoint DIR]
-Settings: base_eval.maskinversion_class_retrieval (as eval_maskinversion_voc.py).
+Settings: real_config.maskinversion_class_retrieval (as eval_maskinversion_voc.py).
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  return _base().maskinversion_class_retrieval(
+  return rc.maskinversion_class_retrieval(
       'PascalContext', name='trace_voc', config='context59', split='val',
       manual_dir='~/datasets/pascal_context',
       query='class_mask',            # one query per class present: label_map == c

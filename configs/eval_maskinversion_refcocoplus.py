@@ -3,14 +3,8 @@ Same protocol and settings as eval_maskinversion_refcoco.py (alpha = 5).
 Data:  python -m trace_jax.data.real.refcoco --config refcocoplus_unc --manual_dir ~/datasets/refer
 Run:   python evaluate.py --config configs/eval_maskinversion_refcocoplus.py [--checkpoint DIR]
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    'eval_maskinversion_refcoco', os.path.join(os.path.dirname(__file__), 'eval_maskinversion_refcoco.py'))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  return _base.get_config('refcocoplus_unc', 'RefCOCO+')
+  return rc.maskinversion_referring_retrieval('refcocoplus_unc', 'RefCOCO+')

@@ -5,22 +5,14 @@ localized embedding (LET) is matched against the 20 class prompts; Acc@1/5/10.
 Data:  python -m trace_jax.data.real.voc --config voc2012 --manual_dir ~/datasets/pascal_voc
 Model: trace-jax convert --from openai ViT-B-16.pt ~/models/openai-vit-b-16
 Run:   python evaluate.py --config configs/eval_maskinversion_voc.py [--checkpoint DIR] [--out DIR]
-Settings: base_eval.maskinversion_class_retrieval (AdamW, 10 iterations, alpha 0, lr 0.5, 448 px).
+Settings: real_config.maskinversion_class_retrieval (AdamW, 10 iterations, alpha 0, lr 0.5, 448 px).
 Baselines of Table 2: --config.eval.baselines=cls,crop,masked_crop,red_circle,fgvp
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  return _base().maskinversion_class_retrieval(
+  return rc.maskinversion_class_retrieval(
       'PascalVOC', name='trace_voc', config='voc2012', split='val', manual_dir='~/datasets/pascal_voc',
       query='class_mask',            # one query per class present: label_map == c (255 = void ignored)
       class_names='metadata')        # builder.info.metadata['class_names'][1:] (20 classes, no background)

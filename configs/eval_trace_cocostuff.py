@@ -15,20 +15,11 @@ Model: a TRACE workdir from `python train.py --config configs/trace.py --workdir
 Run:   python evaluate.py --config configs/eval_trace_cocostuff.py [--checkpoint DIR]
 The slides give no layer / normalisation choice: those here are ours.
 """
-import importlib.util
-import os
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location('base_eval', os.path.join(os.path.dirname(__file__), 'base_eval.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from trace_jax.evaluation import real_config as rc
 
 
 def get_config():
-  b = _base()
-  return b.base(
+  return rc.base(
       'trace_grounding', 'TRACE (Nguyen & Nguyen, 2025) slides: precision / recall / mIoU @ 0.5',
       name='trace_coco', config='stuff_val2017', split='val2017', manual_dir='~/datasets/coco',
       checkpoint='~/runs/trace', convert='python train.py --config configs/trace.py --workdir ~/runs/trace',

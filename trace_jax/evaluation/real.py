@@ -2,7 +2,7 @@
 
     results = run(config, checkpoint=None, out_dir=None)   # reads config.eval, writes results.json
 
-``config.eval`` (fields: configs/base_eval.py) names a tfds builder of trace_jax/data/real, read with
+``config.eval`` (fields: trace_jax/evaluation/real_config.py) names a tfds builder of trace_jax/data/real, read with
 ``as_data_source(split)`` (built from ``dataset.manual_dir`` first when ``dataset.data_dir`` holds no
 prepared copy), a converted model dir, a task, and the method's settings. Tasks:
 

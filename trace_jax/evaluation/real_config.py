@@ -1,5 +1,5 @@
-"""Shared pieces of the real-dataset evaluation configs (configs/eval_*.py; run by evaluate.py, which
-dispatches on `config.eval.task` to trace_jax.evaluation.real.run).
+"""Builders of the real-dataset evaluation configs (configs/eval_*.py; run by evaluate.py, which
+dispatches on `config.eval.task` to trace_jax.evaluation.real.run, the reader of these fields).
 
 Every config has `config.eval` with:
   task        one of trace_jax.evaluation.real.TASKS
@@ -16,8 +16,8 @@ Every config has `config.eval` with:
   num_examples  None = the whole split; an int = the first n examples (smoke runs)
   metrics     what is reported
 
-Config files are loaded by path (ml_collections config_flags), so the per-experiment files import this
-one with `importlib` (see `load()` there).
+Each configs/eval_*.py is a `get_config()` that calls one builder here (big_vision's configs/common.py
+pattern): the schema lives beside its reader, the files hold only what differs per experiment.
 """
 import ml_collections
 
@@ -77,4 +77,19 @@ def maskinversion_class_retrieval(paper_column, *, name, config, split, manual_d
       metrics=('acc@1', 'acc@5', 'acc@10'), query=query, class_names=class_names,
       prompt_templates=('a photo of a {}.',),
       # comma-separated visual-prompt baselines of Table 2 (retrieval.METHODS[1:]) on the same queries
+      baselines='')
+
+
+def maskinversion_referring_retrieval(dataset_config, paper_column):
+  """MaskInversion Table 1 (referring-expression retrieval, RefCOCO / RefCOCO+ UNC splits): one LET
+  per COCO instance mask of the image (ALL its instances are candidates); each expression picks the
+  mask whose LET has the highest cosine with its text embedding. alpha = 5 (paper §4.1), 448 px."""
+  return base(
+      'referring_retrieval', f'MaskInversion (Bousselham et al., 2025) Table 1, {paper_column}',
+      name='trace_refcoco', config=dataset_config, split='val', splits=('val', 'testA', 'testB'),
+      manual_dir='~/datasets/refer', checkpoint=MODEL_OPENAI_B16, convert=CONVERT_OPENAI_B16,
+      method=maskinversion_method(5.0), image_size=448,
+      metrics=('acc@1', 'acc@5', 'acc@10', 'miou', 'oiou'),
+      candidates='all_image_masks',  # every COCO instance of the image (feature 'masks')
+      text='sentences',              # REFER `sent` (lower-cased); 'sentences_raw' for the raw text
       baselines='')
