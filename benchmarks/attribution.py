@@ -27,7 +27,6 @@ from typing import Callable
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # the PyTorch reference tower of the tests
 
 
 @dataclasses.dataclass
@@ -123,7 +122,7 @@ def gradcam_case(ctx: Context) -> list[Row]:
   import jax
   import torch
   from pytorch_grad_cam import GradCAMElementWise
-  from test_attribution_methods import CosTarget, torch_visual
+  from trace_jax.testing import CosTarget, torch_visual
   from trace_jax.attribution import common
   from trace_jax.attribution.api import explain_fn
   torch.set_num_threads(2)
