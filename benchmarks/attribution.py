@@ -194,6 +194,27 @@ def m2ib_case(ctx: Context) -> list[Row]:
           Row("m2ib", "1 pair, image + text", ours, r["torch_frozen_median_s"], "torch port, frozen weights")]
 
 
+THROUGHPUT_METHODS = ("legrad", "gradcam", "rollout", "chefer", "saliency")
+
+
+@case("throughput")
+def throughput_case(ctx: Context, batch: int = 64) -> list[Row]:
+  """Maps per second at batch ``batch`` (64 distinct image-text pairs in one jitted call) for the
+  methods that need no optimisation loop, on whatever backend jax has (the GPU figure of issue 10:
+  ``python benchmarks/attribution.py --cases throughput`` on the device machine). ``ours_s`` is the
+  time of one batch; the setting column carries maps/s. No peer: legrad-torch and grad-cam have no
+  batched multi-pair API to compare against (their per-pair times are in the other cases)."""
+  from trace_jax.attribution.api import explain_fn
+  _, model, params = ctx.model()
+  images, ids = ctx.inputs(batch, batch)
+  rows = []
+  for m in THROUGHPUT_METHODS:
+    f = explain_fn(m, model)
+    t = timeit(lambda: f(params, images, ids), ctx.n, ctx.warmup)
+    rows.append(Row(m, f"{batch} pairs: {batch / t:.1f} maps/s", t, None))
+  return rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--cases", nargs="*", default=None, help=f"default: all registered")
