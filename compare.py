@@ -2,7 +2,7 @@
 """Train plain contrastive, AMC and local-alignment models with the same seed and budget, evaluate
 each on the test split and print one table.
 
-    python compare.py --workdir runs/compare [--seed 0] [--steps 1500] [--only amc,contrastive]
+    python compare.py --workdir runs/compare [--seed 0] [--steps 1500] [--only amc,contrastive] [--set KEY=VALUE]
 
 Each run lives in ``<workdir>/<name>`` (resumable: re-running continues unfinished runs and skips
 finished ones). Columns: pointing game and patch mIoU with GradCAM (the map AMC trains) and with the
@@ -20,7 +20,7 @@ import sys
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _config(name: str, seed: int, steps: int | None):
+def _config(name: str, seed: int, steps: int | None, overrides: dict[str, str]):
   spec = importlib.util.spec_from_file_location("compare_config", os.path.join(ROOT, "configs", "compare.py"))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
@@ -28,7 +28,8 @@ def _config(name: str, seed: int, steps: int | None):
   c.seed = seed
   if steps is not None:
     c.train.steps = steps
-  return c
+  from trace_jax.training.loop import apply_overrides
+  return apply_overrides(c, overrides)
 
 
 def main(argv=None) -> int:
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--steps", type=int, default=None, help="override the shared step budget")
   ap.add_argument("--only", default="contrastive,amc,local_alignment")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override for every run, e.g. --set eval.num_examples=100 (repeatable)")
   args = ap.parse_args(argv)
   sys.path.insert(0, ROOT)
   from absl import logging
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
   from trace_jax.training.loop import train
   rows = {}
   for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-    c = _config(name, args.seed, args.steps)
+    c = _config(name, args.seed, args.steps, dict(kv.split("=", 1) for kv in args.set))
     wd = os.path.join(args.workdir, name)
     train(c, wd)
     rows[name] = evaluate.evaluate(c, wd, os.path.join(wd, "eval"), verbose=False)["methods"]

@@ -166,14 +166,14 @@ def evaluate(config, checkpoint: str, out_dir: str, step: int | None = None, ver
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "eval.json"), "w") as f:
     json.dump(results, f, indent=2)
-  if gallery is not None:
+  if gallery is not None and gallery["texts"]:  # eval.gallery = 0: no gallery
     for m in methods:
       tiles = [ov.overlay(im, hm) for im, hm in zip(gallery["images"], gallery["maps"][m])]
       ov.save_png(ov.contact_sheet(tiles, gallery["texts"], cols=4, tile_size=128),
                   os.path.join(out_dir, f"gallery_{m}.png"))
   if verbose:
     print(format_table(results))
-    print(f"wrote {os.path.join(out_dir, 'eval.json')} and gallery_<method>.png")
+    print(f"wrote {os.path.join(out_dir, 'eval.json')}" + (" and gallery_<method>.png" if int(e.gallery) > 0 else ""))
   return results
 
 

@@ -53,3 +53,37 @@ def test_demo_train_then_evaluate(tmp_path):
             f"--out={tmp_path / 'eval2'}")
   res2 = json.load(open(tmp_path / "eval2" / "eval.json"))
   assert res2["methods"]["gradcam"] == res["methods"]["gradcam"]
+
+
+def test_apply_overrides_types_and_unknown_keys():
+  from trace_jax.training.loop import apply_overrides, default_config
+  c = apply_overrides(default_config(), {"train.steps": "7", "optim.lr": "0.5", "train.progress": "false",
+                                         "loss.name": "amc"})
+  assert (c.train.steps, c.optim.lr, c.train.progress, c.loss.name) == (7, 0.5, False, "amc")
+  with pytest.raises(KeyError, match="unknown config key 'stepz'"):
+    apply_overrides(default_config(), {"train.stepz": "1"})
+  with pytest.raises(KeyError, match="unknown config key 'trian'"):
+    apply_overrides(default_config(), {"trian.steps": "1"})
+  with pytest.raises(ValueError, match="expected a boolean"):
+    apply_overrides(default_config(), {"train.progress": "maybe"})
+
+
+@pytest.mark.slow
+def test_compare_py_prints_the_table(tmp_path):
+  """The issue-5 comparison command end to end on a tiny budget: three runs, one table, compare.json."""
+  data = tmp_path / "data"
+  sets = [f"data.data_dir={data}", f"data.split_sizes={SIZES}", "data.batch_size=16", "optim.warmup_steps=1",
+          "eval.num_examples=16", "eval.batch_size=16", "eval.gallery=0", "train.progress=false"]
+  p = _run("compare.py", "--workdir", str(tmp_path / "cmp"), "--steps", "2", *sum((["--set", s] for s in sets), []))
+  lines = p.stdout.strip().splitlines()
+  top = lines.index("seed 0, test split")       # after the dataset build's messages
+  rows = {l.split()[0]: l for l in lines[top + 3:]}
+  assert set(rows) == {"contrastive", "amc", "local_alignment"}
+  res = json.load(open(tmp_path / "cmp" / "compare.json"))
+  assert res["seed"] == 0 and set(res["results"]) == set(rows)
+  assert set(res["results"]["local_alignment"]) == {"gradcam", "patch_similarity", "local_slots"}
+  # each printed cell is the JSON value in percent
+  pg = res["results"]["amc"]["gradcam"]["pointing_game"]
+  assert f"{100 * pg:.1f}%" == rows["amc"].split()[1]
+  for name in rows:
+    assert sorted(os.listdir(tmp_path / "cmp" / name / "checkpoints")) == ["2"]

@@ -33,18 +33,8 @@ def run_config(name: str, seed: int, steps: int | None = None, overrides: dict |
   if steps is not None:
     c.train.steps = int(steps)
     c.optim.warmup_steps = min(int(c.optim.warmup_steps), max(int(steps) // 10, 1))
-  for k, v in (overrides or {}).items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    old = node[last]
-    if isinstance(old, bool):
-      if v not in ("True", "False", "true", "false", "1", "0"):
-        raise ValueError(f"--set {k}: expected a boolean, got {v!r}")
-      node[last] = v in ("True", "true", "1")
-    else:
-      node[last] = type(old)(v) if old is not None else v
+  from trace_jax.training.loop import apply_overrides
+  apply_overrides(c, overrides or {})
   return c
 
 

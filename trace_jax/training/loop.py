@@ -89,6 +89,28 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+  """Sets ``{'a.b': 'value'}`` string overrides in place (the ``--set a.b=value`` of the comparison
+  scripts), parsed as the type of the current value; an unknown key is an error that names it."""
+  for k, v in overrides.items():
+    node = config
+    *path, last = k.split(".")
+    for p in path:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise KeyError(f"--set {k}: unknown config key {p!r}")
+      node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+      raise KeyError(f"--set {k}: unknown config key {last!r}")
+    old = node[last]
+    if isinstance(old, bool):
+      if v not in ("True", "False", "true", "false", "1", "0"):
+        raise ValueError(f"--set {k}: expected a boolean, got {v!r}")
+      node[last] = v in ("True", "true", "1")
+    else:
+      node[last] = type(old)(v) if old is not None else v
+  return config
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data: a factory of iterators of this host's canonical batches (keys of step.BATCH_KEYS)
 
