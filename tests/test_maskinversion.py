@@ -263,8 +263,12 @@ def test_bad_inputs_and_boxes(tiny):
 
 
 def test_bucket_size():
-  assert [mi.bucket_size(k) for k in (1, 2, 3, 5, 16, 17, 33, 100, 128, 129)] == \
-         [1, 2, 4, 8, 16, 20, 40, 112, 128, 160]
+  assert [mi.bucket_size(k) for k in (1, 2, 3, 5, 9, 10, 16, 17, 33, 100, 128, 129)] == \
+         [1, 2, 3, 5, 10, 10, 16, 20, 40, 112, 128, 160]
+  sizes = [mi.bucket_size(k) for k in range(1, 1025)]
+  assert all(k <= b < 1.25 * k for k, b in zip(range(1, 1025), sizes))  # padding < 25 %
+  assert sorted(set(sizes)) == sorted(set(sizes[b - 1] for b in set(sizes)))  # buckets are fixed points
+  assert len(set(sizes[:128])) == 24
 
 
 def test_choose_mode(tiny):
