@@ -73,12 +73,12 @@ def timeit(fn: Callable, n: int = 5, warmup: int = 1) -> float:
 
 def markdown(rows: list[Row], title: str = "") -> str:
   lines = [f"### {title}", ""] if title else []
-  lines += ["| case | setting | trace_jax (s) | peer | peer (s) | peer / ours |",
-            "|---|---|---:|---|---:|---:|"]
+  lines += ["| case | setting | trace_jax (s) | peer | peer (s) | peer / ours | note |",
+            "|---|---|---:|---|---:|---:|---|"]
   for r in rows:
     peer = "–" if r.peer_s is None else f"{r.peer_s:.4f}"
     ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
-    lines.append(f"| {r.case} | {r.setting} | {r.ours_s:.4f} | {r.peer} | {peer} | {ratio} |")
+    lines.append(f"| {r.case} | {r.setting} | {r.ours_s:.4f} | {r.peer} | {peer} | {ratio} | {r.note} |")
   return "\n".join(lines)
 
 
@@ -212,6 +212,45 @@ def throughput_case(ctx: Context, batch: int = 64) -> list[Row]:
     f = explain_fn(m, model)
     t = timeit(lambda: f(params, images, ids), ctx.n, ctx.warmup)
     rows.append(Row(m, f"{batch} pairs: {batch / t:.1f} maps/s", t, None))
+  return rows
+
+
+def _peak_mb() -> str:
+  """The process's peak device memory so far (accelerators), '' where the backend has no stats."""
+  import jax
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+  except Exception:  # CPU backends may not implement memory_stats
+    stats = {}
+  return f"peak {stats['peak_bytes_in_use'] / 2 ** 20:.0f} MiB" if "peak_bytes_in_use" in stats else ""
+
+
+@case("maskinversion_jax")
+def maskinversion_jax_case(ctx: Context, masks=(1, 10, 50, 100), steps: int = 10) -> list[Row]:
+  """MaskInversion alone (no peer: JAX only, so it runs on a device machine without PyTorch), both
+  modes, ``masks`` x ``steps`` at the model's size and 10 masks at twice the size (position
+  embeddings resampled): the GPU figure of issue 11 (100 masks x 10 steps <= 0.05 s on ViT-B/16; the
+  paper's Table 5: 0.44 s). Official defaults (layer -1, lr 0.1, alpha 0). Cases run smallest
+  first, so the process's peak device memory after a case is that case's."""
+  import jax.numpy as jnp
+  from trace_jax.inversion import invert
+  cfg, model, params = ctx.model()
+  rows = []
+  base = cfg.vision.image_size
+  for k, size in [(k, base) for k in masks] + [(10, 2 * base)]:
+    images, _ = ctx.inputs(1, 1, size)
+    r = np.random.default_rng(k)
+    m = np.zeros((k, size, size), np.float32)
+    for i in range(k):
+      h, w = r.integers(size // 8, size // 2, 2)
+      y, x = r.integers(0, size - h), r.integers(0, size - w)
+      m[i, y:y + h, x:x + w] = 1
+    image = jnp.asarray(images[0])
+    for mode in ("decomposed", "exact"):
+      t = timeit(lambda: invert(model, params, image, m, mode=mode, steps=steps)["lets"], ctx.n,
+                 ctx.warmup)
+      rows.append(Row("maskinversion", f"{mode}, {k} masks x {steps} steps @{size}", t, None,
+                      note=_peak_mb()))
   return rows
 
 

@@ -101,15 +101,16 @@ def main():
     weights = os.path.join(d, "vitb16.pt")
     lb.save_weights(weights)
     cols = " | ".join(f"{i} s (first) | {i} MB" for i in args.impls)
-    rows = [f"| masks | size | {cols} | torch / decomposed | torch / exact |",
-            "|---" * (3 + 2 * len(args.impls)) + "|---|"]
+    rows = [f"| masks | size | {cols} | torch / decomposed | torch / exact | exact / decomposed |",
+            "|---" * (5 + 2 * len(args.impls)) + "|"]
     for k, size in cases:
       tn = n if args.torch_n is None else args.torch_n
       res = {i: run_case(i, k, size, tn if i == "torch" else n, weights) for i in args.impls}
       cells = " | ".join(f"{res[i]['median']:.2f} ({res[i]['first']:.1f}) | {res[i]['peak_mb']:.0f}"
                          for i in args.impls)
       ratio = lambda a, b: (f"{res[a]['median'] / res[b]['median']:.1f}x" if a in res and b in res else "-")
-      rows.append(f"| {k} | {size} | {cells} | {ratio('torch', 'decomposed')} | {ratio('torch', 'exact')} |")
+      rows.append(f"| {k} | {size} | {cells} | {ratio('torch', 'decomposed')} | {ratio('torch', 'exact')} "
+                  f"| {ratio('exact', 'decomposed')} |")
       print(rows[-1], flush=True)
   md = (lb.header(f"MaskInversion, ViT-B/16-sized random open_clip, 10 steps, median of {n}"
                      + ("" if args.torch_n is None else f" (torch: {'first call' if args.torch_n == 0 else f'median of {args.torch_n}'})")) + "\n"

@@ -210,6 +210,34 @@ def test_several_images(tiny):
     _close(both[b]["lets"], one["lets"], LET_RTOL)
     np.testing.assert_allclose(both[b]["losses"], one["losses"], atol=1e-6)
 
+  # Three images, two per call: the second call is padded with a copy of image 2, whose results
+  # are dropped; all equal the unchunked call.
+  imgs3 = np.concatenate([imgs, imgs[:1] * 0.5])
+  m2 = m0[1:]
+  three = mi.invert(tiny.model, tiny.params, imgs3, [m0, m1, m2], mode="exact", lr=0.5)
+  fn = mi._compiled(tiny.cfg, (3,), 10, "exact", "antialias", None)  # the program invert runs
+  compiled = fn._cache_size()
+  chunked = mi.invert(tiny.model, tiny.params, imgs3, [m0, m1, m2], mode="exact", lr=0.5,
+                      max_images_per_call=2)
+  # both calls are [2 images, 4 masks], the shape of `both` above: no compilation at all
+  assert fn._cache_size() == compiled
+  assert [r["lets"].shape[0] for r in chunked] == [3, 4, 2]
+  for a, r in zip(chunked, three):
+    _close(a["lets"], r["lets"], LET_RTOL)
+    np.testing.assert_allclose(a["losses"], r["losses"], atol=1e-6)
+
+
+def test_images_per_call():
+  """The memory estimate: the decomposition's gO counts per image; masks add per-mask maps."""
+  from trace_jax.models import get_config
+  cfg = get_config("ViT-B-16")
+  gO = 4.0 * 512 * 197 * 768  # 0.31 GB at 224 px
+  ex, de = (mi.image_bytes(cfg, (224, 224), 100, 1, m) for m in ("exact", "decomposed"))
+  assert de - ex == gO
+  assert mi.image_bytes(cfg, (224, 224), 100, 1, "exact") > mi.image_bytes(cfg, (224, 224), 10, 1, "exact")
+  assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=de * 3.5) == 3
+  assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=1.0) == 1
+
 
 def test_optimisation_behaviour(tiny):
   """Dice falls; the final map overlaps the mask more than the initial one; alpha > 0 keeps the

@@ -304,7 +304,8 @@ def check_masks(masks, index: int = 0) -> np.ndarray:
 
 
 def memory_budget() -> float:
-  """Bytes the decomposed Jacobian may take: half of the device's memory (RAM on CPU)."""
+  """Bytes one call may take (the decomposed Jacobians, the per-mask maps): half of the device's
+  free memory (available RAM on CPU)."""
   dev = jax.devices()[0]
   try:
     stats = dev.memory_stats() or {}
@@ -338,12 +339,36 @@ def choose_mode(cfg, image_hw, num_masks: int, steps: int, num_layers: int,
   return "decomposed" if pre + num_masks * steps * dec <= num_masks * steps * exact else "exact"
 
 
+def image_bytes(cfg, image_hw, num_masks: int, num_layers: int, mode: str) -> float:
+  """Rough peak float32 bytes one image of a vmapped call holds: the decomposition's gO (D N W per
+  layer) plus, per mask, the step's [heads, N, N] gradient map (value, ReLU mask, cotangent) and
+  the block-tail backward's [N, mlp + W] transients."""
+  ps = cfg.vision.patch_size
+  n = (image_hw[0] // ps) * (image_hw[1] // ps) + 1
+  w, d, h = cfg.vision.width, cfg.embed_dim, cfg.vision.heads
+  mlp = int(w * cfg.vision.mlp_ratio)
+  fixed = 4.0 * num_layers * (h * n * n + 3 * n * (mlp + w))
+  if mode == "decomposed":
+    fixed += 4.0 * num_layers * d * n * w
+  per_mask = 4.0 * num_layers * (3 * h * n * n + 3 * n * (mlp + w))
+  return fixed + num_masks * per_mask
+
+
+def images_per_call(cfg, image_hw, num_masks: int, num_layers: int, mode: str,
+                    budget: float | None = None) -> int:
+  """How many images one vmapped call takes so that :func:`image_bytes` of them fits the budget
+  (half the free device memory): many images never hold all their Jacobians at once."""
+  budget = memory_budget() if budget is None else budget
+  return max(1, int(budget // image_bytes(cfg, image_hw, num_masks, num_layers, mode)))
+
+
 # ----------------------------------------------------------------------------- API
 
 def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mode: str = "auto",
            layers=DEFAULT_LAYER_INDEX, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
            alpha: float = 0.0, wd: float = 0.0, pos_interp: str = "antialias", bucket: bool = True,
-           return_pre_step_map: bool = False, chunk: int | None = None):
+           return_pre_step_map: bool = False, chunk: int | None = None,
+           max_images_per_call: int | None = None):
   """MaskInversion: one localized embedding token (LET) per mask.
 
   Args:
@@ -359,6 +384,10 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
       1 - cos(LET, z0), weight decay.
     bucket: pad K to :func:`bucket_size` (compile once per bucket); False compiles per K.
     return_pre_step_map: the returned map is the one from before the last step (as theirs).
+    chunk: rows of the decomposed Jacobian per backward batch (default: sized to a memory budget).
+    max_images_per_call: images per vmapped call (default: as many as :func:`images_per_call`
+      fits in half the free memory); larger sets run in equal-sized calls (one compilation), the
+      last padded with copies of its first image whose results are dropped.
   Returns:
     one image: dict with ``lets`` [K, E] (un-normalised, like theirs), ``map`` [K, Hm, Wm] in [0, 1],
     ``grid`` [K, gh, gw] raw LeGrad relevance, ``losses`` [steps] (their per-iteration loss),
@@ -400,7 +429,8 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk)
   hyper = [jnp.float32(x) for x in (lr, alpha, wd)]
 
-  # Images whose masks share a size run in one vmapped call (K padded to a common bucket).
+  # Images whose masks share a size run in vmapped calls (K padded to a common bucket), as many
+  # images per call as fit the memory budget.
   groups: dict[tuple[int, int], list[int]] = {}
   for i, m in enumerate(per_image):
     groups.setdefault(m.shape[1:], []).append(i)
@@ -408,21 +438,27 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   for hw, idx in groups.items():
     kpad = max(per_image[i].shape[0] for i in idx)
     kpad = bucket_size(kpad) if bucket else kpad
-    mk = np.ones((len(idx), kpad) + hw, np.float32)  # padding masks: valid (non-empty), weight 0
-    wt = np.zeros((len(idx), kpad), np.float32)
-    for j, i in enumerate(idx):
-      k = per_image[i].shape[0]
-      mk[j, :k] = per_image[i]
-      wt[j, :k] = 1.0 / k
-    out = fn(params, jnp.asarray(ims[np.asarray(idx)]), jnp.asarray(mk), jnp.asarray(wt), *hyper)
-    for j, i in enumerate(idx):
-      k = per_image[i].shape[0]
-      r = {key: val[j] for key, val in out.items()}
-      res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
-             "reg": r["reg"], "dice0": r["dice0"][:k], "dice_final": r["dice_final"][:k], "mode": mode}
-      if return_pre_step_map:
-        res.update(grid=r["pre_grid"][:k], map=r["pre_map"][:k])
-      else:
-        res.update(grid=r["grid"][:k], map=r["map"][:k])
-      results[i] = res
+    per_call = max_images_per_call or images_per_call(cfg, ims.shape[1:3], kpad, len(layer_ids), mode)
+    per_call = max(1, min(int(per_call), len(idx)))
+    for start in range(0, len(idx), per_call):
+      part = idx[start:start + per_call]
+      rows = part + [part[0]] * (per_call - len(part))  # equal-sized calls: one compilation
+      mk = np.ones((per_call, kpad) + hw, np.float32)  # padding masks: valid (non-empty), weight 0
+      wt = np.zeros((per_call, kpad), np.float32)
+      for j, i in enumerate(part):
+        k = per_image[i].shape[0]
+        mk[j, :k] = per_image[i]
+        wt[j, :k] = 1.0 / k
+      out = fn(params, jnp.asarray(ims[np.asarray(rows)]), jnp.asarray(mk), jnp.asarray(wt), *hyper)
+      for j, i in enumerate(part):
+        k = per_image[i].shape[0]
+        r = {key: val[j] for key, val in out.items()}
+        res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
+               "reg": r["reg"], "dice0": r["dice0"][:k], "dice_final": r["dice_final"][:k],
+               "mode": mode}
+        if return_pre_step_map:
+          res.update(grid=r["pre_grid"][:k], map=r["pre_map"][:k])
+        else:
+          res.update(grid=r["grid"][:k], map=r["map"][:k])
+        results[i] = res
   return results if as_list else results[0] if b == 1 else results
