@@ -341,15 +341,15 @@ def choose_mode(cfg, image_hw, num_masks: int, steps: int, num_layers: int,
 
 def image_bytes(cfg, image_hw, num_masks: int, num_layers: int, mode: str) -> float:
   """Rough peak float32 bytes one image of a vmapped call holds: the decomposition's gO (D N W per
-  layer) plus, per mask, the step's [heads, N, N] gradient map (value, ReLU mask, cotangent) and
+  layer, twice: it is transposed once) plus, per mask, the step's [heads, N, N] gradient map (value, ReLU mask, cotangent) and
   the block-tail backward's [N, mlp + W] transients."""
   ps = cfg.vision.patch_size
   n = (image_hw[0] // ps) * (image_hw[1] // ps) + 1
   w, d, h = cfg.vision.width, cfg.embed_dim, cfg.vision.heads
   mlp = int(w * cfg.vision.mlp_ratio)
   fixed = 4.0 * num_layers * (h * n * n + 3 * n * (mlp + w))
-  if mode == "decomposed":
-    fixed += 4.0 * num_layers * d * n * w
+  if mode == "decomposed":  # gO, and its D-last copy while that is made
+    fixed += 2 * 4.0 * num_layers * d * n * w
   per_mask = 4.0 * num_layers * (3 * h * n * n + 3 * n * (mlp + w))
   return fixed + num_masks * per_mask
 
