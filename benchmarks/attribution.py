@@ -234,17 +234,13 @@ def maskinversion_jax_case(ctx: Context, masks=(1, 10, 50, 100), steps: int = 10
   first, so the process's peak device memory after a case is that case's."""
   import jax.numpy as jnp
   from trace_jax.inversion import invert
+  make_masks = _sibling("maskinversion").make_masks  # the peer benchmark's random rectangles
   cfg, model, params = ctx.model()
   rows = []
   base = cfg.vision.image_size
   for k, size in [(k, base) for k in masks] + [(10, 2 * base)]:
     images, _ = ctx.inputs(1, 1, size)
-    r = np.random.default_rng(k)
-    m = np.zeros((k, size, size), np.float32)
-    for i in range(k):
-      h, w = r.integers(size // 8, size // 2, 2)
-      y, x = r.integers(0, size - h), r.integers(0, size - w)
-      m[i, y:y + h, x:x + w] = 1
+    m = make_masks(k, size, seed=k)
     image = jnp.asarray(images[0])
     for mode in ("decomposed", "exact"):
       t = timeit(lambda: invert(model, params, image, m, mode=mode, steps=steps)["lets"], ctx.n,

@@ -38,7 +38,12 @@ def resize_image(img, size: int, mode: str = "crop"):
 
 def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
   """[.., H, W, 3] uint8 -> float32 (x / 255 - mean) / std."""
-  return ((np.asarray(rgb_uint8, np.float32) / 255.0) - MEAN) / STD
+  return normalize_unit(np.asarray(rgb_uint8, np.float32) / 255.0)
+
+
+def normalize_unit(px: np.ndarray) -> np.ndarray:
+  """[.., H, W, 3] pixels in [0, 1] -> float32 (x - mean) / std."""
+  return ((np.asarray(px, np.float32) - MEAN) / STD).astype(np.float32)
 
 
 def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarray:

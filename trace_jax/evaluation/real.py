@@ -132,11 +132,6 @@ def image_pixels(data: bytes, size: int, resize: str = 'squash') -> tuple[np.nda
   return np.asarray(im, np.float32) / 255.0, rgb.shape[:2]
 
 
-def normalize(px) -> np.ndarray:
-  """[.., H, W, 3] pixels in [0, 1] -> CLIP-normalised (data/preprocess.py MEAN / STD)."""
-  return ((np.asarray(px, np.float32) - preprocess.MEAN) / preprocess.STD).astype(np.float32)
-
-
 def frame_transform(hw: tuple[int, int], size: int, resize: str) -> tuple[float, float, float, float]:
   """(sx, sy, left, top): original pixel (x, y) -> model frame (x sx - left, y sy - top), exactly as
   preprocess.resize_image maps the image ('squash': S/W, S/H; 'crop': shortest side then centre crop)."""
@@ -156,10 +151,11 @@ def tokenize(loaded: Loaded, texts: Sequence[str]) -> np.ndarray:
 
 
 def pad_rows(x: np.ndarray) -> np.ndarray:
-  """Pad axis 0 to inversion.maskinversion.bucket_size (copies of row 0): one compilation per bucket."""
-  from trace_jax.inversion.maskinversion import bucket_size
+  """Pad axis 0 to a power of two (copies of row 0): one compilation per bucket. The rows are texts
+  whose padded copies cost only a one-block backward each, so few buckets (fewer compilations)
+  beat the tight ones MaskInversion uses for masks, whose copies cost full optimisations."""
   n = x.shape[0]
-  k = bucket_size(n)
+  k = 1 << max(0, n - 1).bit_length()
   return x if k == n else np.concatenate([x, np.repeat(x[:1], k - n, axis=0)])
 
 
@@ -367,7 +363,7 @@ def run_pointing_game(e, loaded: Loaded, builder, source, verbose=True) -> dict:
     if not texts:
       continue
     px, hw = image_pixels(ex['image'], e.image_size, e.get('resize', 'squash'))
-    g = f(normalize(px)[None], pad_rows(tokenize(loaded, texts)))[:len(texts)]
+    g = f(preprocess.normalize_unit(px)[None], pad_rows(tokenize(loaded, texts)))[:len(texts)]
     grids += list(g)
     boxes += bx
     sizes += [hw] * len(texts)
@@ -429,7 +425,7 @@ def run_m2ib_localization(e, loaded: Loaded, builder, source, verbose=True) -> d
     for lo in _progress(range(0, k, bs), -(-k // bs), f'm2ib seed {seed}', verbose):
       exs = [source[int(j)] for j in idx[lo:lo + bs]]
       pix = [image_pixels(x['image'], size, resize) for x in exs]
-      images = normalize(np.stack([p for p, _ in pix]))
+      images = preprocess.normalize_unit(np.stack([p for p, _ in pix]))
       ids = tokenize(loaded, [_s(x['text']) for x in exs])
       b = len(exs)
       if b < bs:  # fixed batch shape: one compilation
@@ -520,7 +516,7 @@ def run_trace_grounding(e, checkpoint, builder, source, verbose=True) -> dict:
     if not words:
       continue
     px, (h, w) = image_pixels(ex['image'], size, e.get('resize', 'squash'))
-    hm = maps_fn(normalize(px)[None], words)
+    hm = maps_fn(preprocess.normalize_unit(px)[None], words)
     lab = _label_map(ex['label_map'])
     wh, ww = torch_bilinear_matrix(g, h), torch_bilinear_matrix(g, w)
     for m, labs in zip(hm, labels):
