@@ -45,7 +45,7 @@ def load_trained(path: str, step: int | None = None):
   """(CLIPConfig, params {'clip': ..., ['text_compression': ...]}, description) from any checkpoint form."""
   import numpy as np
   import jax
-  from trace_jax.checkpoints import load_model
+  from trace_jax.model_dir import load_model
   from trace_jax.models.config import CLIPConfig
   from trace_jax.training.checkpointing import restore_params_only
   path = os.path.abspath(path)

@@ -126,7 +126,7 @@ def _bpe_model(tmp_path):
   import dataclasses
 
   import jax
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   from trace_jax.convert.common import bpe_files
   from trace_jax.models import get_config, init_params
   files = bpe_files(None)

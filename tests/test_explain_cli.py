@@ -16,7 +16,7 @@ WORDS = ["a", "red", "cube", "blue", "ball", "on", "the", "left"]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   from trace_jax.tokenizers import WordTokenizer
   root = tmp_path_factory.mktemp("explain")
   cfg = get_config("tiny")
@@ -46,7 +46,7 @@ def test_explain_single_image_png_and_npz(model_dir):
   assert str(z["method"]) == "gradcam" and list(z["texts"]) == ["a red cube"]
   # the saved maps are the API's maps for the same inputs
   from trace_jax.attribution import explain
-  from trace_jax.checkpoints import load_model
+  from trace_jax.model_dir import load_model
   from trace_jax.data.preprocess import load_images
   from trace_jax.models import build
   from trace_jax.tokenizers import load_tokenizer

@@ -351,7 +351,7 @@ def test_cli_invert(tiny, tmp_path):
   """``trace-jax invert`` on --pixels with a PNG mask and an .npy of 2 masks: map PNGs beside the
   masks, npz with LETs equal to the API's."""
   from PIL import Image
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   from trace_jax.cli import main
   rng = np.random.default_rng(11)
   save_model(str(tmp_path / "model"), tiny.params, tiny.cfg, source="test")

@@ -242,7 +242,7 @@ def test_bad_text_raises(ids, msg):
 
 
 def test_save_load_round_trip_exact(tmp_path):
-  from trace_jax.checkpoints import load_model, save_model
+  from trace_jax.model_dir import load_model, save_model
   cfg = get_config("tiny").replace(vision=dataclasses.replace(get_config("tiny").vision, pos_interp="torch_bicubic"))
   params = _noisy_params(cfg, seed=4)
   tok = tmp_path / "words.json"
@@ -260,7 +260,7 @@ def test_save_load_round_trip_exact(tmp_path):
 
 def test_checkpoint_with_renamed_key_is_refused(tmp_path):
   import orbax.checkpoint as ocp
-  from trace_jax.checkpoints import load_model, save_model
+  from trace_jax.model_dir import load_model, save_model
   cfg = get_config("tiny")
   params = _tiny_params()
   d = save_model(str(tmp_path / "m"), params, cfg)

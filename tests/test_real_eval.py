@@ -54,7 +54,7 @@ def _texts():
 
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   d = tmp_path_factory.mktemp('model')
   tok = WordTokenizer(build_vocab(_texts()), 16)
   words = tok.save(str(tmp_path_factory.mktemp('tok')))

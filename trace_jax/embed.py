@@ -135,7 +135,7 @@ def _inputs(args, cfg):
 
 
 def run(args: argparse.Namespace) -> int:
-  from trace_jax.checkpoints import load_model
+  from trace_jax.model_dir import load_model
   try:
     cfg, params = load_model(args.checkpoint)
     pixels, ids = _inputs(args, cfg)

@@ -1,6 +1,6 @@
 """Key / shape checks of parameter trees and state dicts, with one error message format.
 
-Used by model directories (trace_jax/checkpoints.py), the CLIP converters' source checks
+Used by model directories (trace_jax/model_dir.py), the CLIP converters' source checks
 (trace_jax/convert/common.py) and the CRATE converter (trace_jax/convert/crate.py), so a bad
 checkpoint is always reported the same way:
 

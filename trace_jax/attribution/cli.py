@@ -103,7 +103,7 @@ class Runner:
   """Loads the model once; ``run(images, ids, texts) -> dict of numpy arrays`` for any pairing."""
 
   def __init__(self, args):
-    from trace_jax.checkpoints import load_model
+    from trace_jax.model_dir import load_model
     from trace_jax.models import build
     self.cfg, self.params = load_model(args.checkpoint)
     self.model = build(self.cfg)

@@ -1,6 +1,6 @@
 """``trace-jax convert --from openai|openclip|hf|crate SRC DST [--model-name NAME] [--bpe PATH]``.
 
-Writes a trace_jax model dir (``trace_jax.checkpoints.save_model``): orbax params, config.json and,
+Writes a trace_jax model dir (``trace_jax.model_dir.save_model``): orbax params, config.json and,
 when available, tokenizer files (HF: vocab.json + merges.txt; OpenAI / open_clip: the BPE .gz from
 ``--bpe`` or the one packaged with open_clip).
 """
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def convert(source: str, src: str, dst: str, model_name: str | None = None, bpe: str | None = None) -> str:
   """Convert and save; returns the model dir. Raises ValueError / FileNotFoundError on bad input."""
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   from trace_jax.convert import common
   if not os.path.exists(src):
     raise FileNotFoundError(f"source {src} does not exist")

@@ -193,7 +193,7 @@ def mlp_ratio(hidden: int, width: int) -> float:
 
 def finalize(params: dict, cfg, what: str) -> dict:
   """Final check of the converted tree against the tree the config's model expects."""
-  from trace_jax.checkpoints import check_params
+  from trace_jax.model_dir import check_params
   check_params(params, cfg, f"converted {what}")
   return params
 

@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from trace_jax.checkpoints import read_meta, read_params, write_model_dir
+from trace_jax.model_dir import read_meta, read_params, write_model_dir
 from trace_jax.models.crate import CLASSIFIERS, CrateConfig, classifier_config
 from trace_jax.treecheck import check_shapes, flatten, shapes_of
 

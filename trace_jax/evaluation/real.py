@@ -63,7 +63,7 @@ class Loaded:
 
 def load_model_dir(path: str) -> Loaded:
   """A converted / trained model dir (config.json + params/ [+ tokenizer/]) -> Loaded."""
-  from trace_jax.checkpoints import load_model
+  from trace_jax.model_dir import load_model
   from trace_jax.models import build
   from trace_jax.tokenizers import load_tokenizer
   path = os.path.abspath(os.path.expanduser(path))

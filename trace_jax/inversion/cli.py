@@ -69,7 +69,7 @@ def _read_lines(path):
 
 def run(args) -> int:
   import jax.numpy as jnp
-  from trace_jax.checkpoints import load_model
+  from trace_jax.model_dir import load_model
   from trace_jax.inversion.maskinversion import invert
   from trace_jax.models import build, l2_normalize
 

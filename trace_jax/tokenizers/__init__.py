@@ -1,6 +1,6 @@
 """Tokenizers: CLIP byte-level BPE (transformers / openai parity) and a word-level one for synthetic data.
 
-``load_tokenizer(model_dir)`` finds the tokenizer files of a model directory (checkpoints.py layout:
+``load_tokenizer(model_dir)`` finds the tokenizer files of a model directory (model_dir.py layout:
 ``model_dir/tokenizer/``), in this order: ``words.json`` (WordTokenizer), ``vocab.json`` + ``merges.txt``
 (CLIP BPE, Hugging Face layout), one ``*.txt.gz`` (OpenAI-style BPE merges).
 """

@@ -8,7 +8,7 @@
   multi-host pre-emption sync point is reached; keeps the last ``checkpoint.keep``;
 * logs every ``train.log_every`` steps to a progress bar (loss, examples/s) and to
   ``workdir/metrics.jsonl``; at the end exports the CLIP params as a model dir ``workdir/model``
-  (``trace_jax.checkpoints.save_model``, loadable by the CLI and evaluate.py).
+  (``trace_jax.model_dir.save_model``, loadable by the CLI and evaluate.py).
 """
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, batches: Callable 
 
 def export_model(directory: str, state, task, data_info: dict | None, config) -> str:
   """CLIP params -> a trace_jax model dir (plus the word tokenizer and the compressor params if any)."""
-  from trace_jax.checkpoints import save_model
+  from trace_jax.model_dir import save_model
   params = jax.device_get(state.params)
   files = {}
   tok = (data_info or {}).get("tokenizer")
