@@ -38,153 +38,31 @@ _OUT = flags.DEFINE_string("out", None, "output dir (default: <checkpoint>/eval)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
 flags.mark_flags_as_required(["config"])
 
-EXTRA_METHODS = ("patch_similarity", "local_slots")
-
-
-def load_trained(path: str, step: int | None = None):
-  """(CLIPConfig, params {'clip': ..., ['text_compression': ...]}, description) from any checkpoint form."""
+def resolve_model_dir(path: str, step: int | None = None) -> str:
+  """A model dir for ``--checkpoint``: the path itself if it is one, else a train.py workdir's exported
+  ``model/``; with ``--step`` (or no export yet) that checkpoint written as a model dir under
+  ``<workdir>/eval/model_step<N>`` first (evaluation reads model dirs only)."""
   import numpy as np
   import jax
-  from trace_jax.model_dir import load_model
+  from trace_jax import model_dir
   from trace_jax.models.config import CLIPConfig
-  from trace_jax.training.checkpointing import restore_params_only
-  path = os.path.abspath(path)
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
+    return path
+  if step is None and os.path.isdir(os.path.join(path, "model")):
+    return os.path.join(path, "model")
   ck_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-  if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params")):
-    cfg, clip = load_model(path)
-    params = {"clip": clip}
-    tc = os.path.join(path, "text_compression")
-    if os.path.isdir(tc):
-      import orbax.checkpoint as ocp
-      params["text_compression"] = jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(tc))
-    return cfg, params, f"model dir {path}"
+  if not os.path.isdir(ck_dir) or not os.listdir(ck_dir):
+    return path   # not a model dir nor a workdir: the task's loader says what is missing
+  from trace_jax.training.checkpointing import restore_params_only
   params, meta, s = restore_params_only(ck_dir, step)
   if "model_config" not in meta:
     raise ValueError(f"checkpoint {ck_dir}/{s} has no model_config in its metadata")
-  return CLIPConfig.from_dict(meta["model_config"]), jax.tree.map(np.asarray, params), f"{ck_dir} step {s}"
-
-
-def map_fn(method: str, model, params, config):
-  """A jitted ``f(images, ids) -> (grid [B, gh, gw] raw, map [B, H, W] in [0, 1])``."""
-  import jax
-  from trace_jax.losses import local_alignment as la
-  from trace_jax.losses.amc import minmax_normalize, upsample_bilinear
-  if method in EXTRA_METHODS:
-    if method == "local_slots":
-      if "text_compression" not in params:
-        raise ValueError("method 'local_slots' needs a local-alignment model (no text_compression params)")
-      from trace_jax.training.step import _compressor
-      comp = _compressor(config, model.cfg)
-      f = lambda im, ids: la.slot_similarity_grid(model, comp, params, im, ids)
-    else:
-      f = lambda im, ids: la.patch_similarity_grid(model, params["clip"], im, ids)
-
-    def g(im, ids):
-      grid = f(im, ids)
-      return grid, upsample_bilinear(minmax_normalize(grid), im.shape[1:3])
-    return jax.jit(g)
-  from trace_jax.attribution.api import explain_fn
-  settings = {"layer": config.eval.layer} if method == "gradcam" else {}
-  ex = explain_fn(method, model, **settings)
-
-  def h(im, ids):
-    out = ex(params["clip"], im, ids)
-    return out.get("raw", out["grid"]), out["map"]
-  return h
-
-
-def evaluate(config, checkpoint: str, out_dir: str, step: int | None = None, verbose: bool = True) -> dict:
-  import numpy as np
-  from trace_jax.data import pipeline
-  from trace_jax.evaluation import metrics as M
-  from trace_jax.models import build
-  from trace_jax.utils import overlay as ov
-  cfg, params, desc = load_trained(checkpoint, step)
-  model = build(cfg.replace(dtype="float32"))
-  d, e = config.data, config.eval
-  from trace_jax.training.loop import builder_kwargs
-  source = pipeline.load_split(pipeline.DATASET_NAME, d.data_dir, cfg.vision.image_size, e.split, **builder_kwargs(d))
-  tok = pipeline.make_tokenizer()
-  methods = [m.strip() for m in str(e.methods).split(",") if m.strip()]
-  fns = {m: map_fn(m, model, params, config) for m in methods}
-  p = cfg.vision.patch_size
-  n_max = len(source) if e.num_examples is None else min(int(e.num_examples), len(source))
-  acc = {m: {"grid": [], "map": []} for m in methods}
-  gt = {"box": [], "mask": [], "patch": [], "dets": [], "size": [], "heldout": []}
-  gallery = None
-  seen = 0
-  for b in pipeline.batches(source, batch_size=e.batch_size, num_epochs=1, shuffle=False, drop_remainder=False,
-                            prefetch=0, tokenizer=tok, patch_size=p, phrase_source=d.phrase_source,
-                            process_index=0, process_count=1):
-    keep = np.flatnonzero(b["valid"])[: n_max - seen]
-    if len(keep) == 0:
-      break
-    ids = b["phrase_ids"] if e.text == "phrase" else b["caption_ids"]
-    outs = {m: fns[m](b["image"], ids) for m in methods}
-    for m in methods:
-      acc[m]["grid"].append(np.asarray(outs[m][0])[keep])
-      acc[m]["map"].append(np.asarray(outs[m][1])[keep])
-    s = b["image"].shape[1]
-    boxes = b["phrase_box"][keep]                                   # [y0, x0, y1, x1] end-exclusive
-    gt["box"] += [np.array([bx[1], bx[0], bx[3], bx[2]], np.float64) for bx in boxes]   # -> xyxy
-    gt["mask"].append(b["phrase_mask"][keep] > 0.5)
-    pm = b["phrase_mask"][keep].reshape(len(keep), s // p, p, s // p, p).mean((2, 4))
-    gt["patch"].append(pm >= 0.5)
-    gt["heldout"].append(b["phrase_heldout"][keep])
-    for ex in pipeline._read(source, b["index"][keep]):
-      ob = np.asarray(ex["objects"]["box"], np.float64).reshape(-1, 4)
-      gt["dets"].append(np.stack([ob[:, 1], ob[:, 0], ob[:, 3] - ob[:, 1], ob[:, 2] - ob[:, 0]], 1))  # xywh
-    gt["size"] += [(s, s)] * len(keep)
-    if gallery is None:
-      n = min(int(e.gallery), len(keep))
-      gallery = {"images": ov.denormalize(b["image"][keep[:n]]),
-                 "texts": [tok.decode(t) for t in ids[keep[:n]]],
-                 "maps": {m: np.asarray(outs[m][1])[keep[:n]] for m in methods}}
-    seen += len(keep)
-    if seen >= n_max:
-      break
-  mask, patch = np.concatenate(gt["mask"]), np.concatenate(gt["patch"])
-  heldout = np.concatenate(gt["heldout"])
-  results = {"checkpoint": desc, "split": e.split, "num_phrases": seen, "threshold": e.threshold, "methods": {}}
-  for m in methods:
-    grid, mp = np.concatenate(acc[m]["grid"]), np.concatenate(acc[m]["map"])
-    pg = M.pointing_game(list(grid), gt["box"], gt["size"], box_format="xyxy")
-    lo, hi = grid.min((1, 2), keepdims=True), grid.max((1, 2), keepdims=True)
-    gn = (grid - lo) / (hi - lo + 1e-7)
-    gt_xywh = [np.array([x0, y0, x1 - x0, y1 - y0]) for x0, y0, x1, y1 in gt["box"]]
-    # Box ranking on the min-max normalised grid: the AMC code's raw GradCAM is >= 0, but other
-    # readouts (cosines) can be negative, and the ranking only counts scores > 0.
-    br = M.box_ranking(list(gn), gt["dets"], gt_xywh, gt["size"])
-    th = M.threshold_scores(mp, mask, e.threshold)
-    pt = M.threshold_scores(gn, patch, e.threshold)
-    r = {"pointing_game": pg["accuracy"], "box_accuracy": br["accuracy"],
-         "precision": th["macro_precision"], "recall": th["macro_recall"], "miou": th["miou"],
-         "patch_miou": pt["miou"]}
-    if heldout.any():
-      r["pointing_game_heldout"] = float(pg["hits"][heldout].mean())
-    results["methods"][m] = r
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "eval.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  if gallery is not None and gallery["texts"]:  # eval.gallery = 0: no gallery
-    for m in methods:
-      tiles = [ov.overlay(im, hm) for im, hm in zip(gallery["images"], gallery["maps"][m])]
-      ov.save_png(ov.contact_sheet(tiles, gallery["texts"], cols=4, tile_size=128),
-                  os.path.join(out_dir, f"gallery_{m}.png"))
-  if verbose:
-    print(format_table(results))
-    print(f"wrote {os.path.join(out_dir, 'eval.json')}" + (" and gallery_<method>.png" if int(e.gallery) > 0 else ""))
-  return results
-
-
-def format_table(results: dict) -> str:
-  cols = ["pointing_game", "box_accuracy", "precision", "recall", "miou", "patch_miou"]
-  head = f"{'method':<18}" + "".join(f"{c:>15}" for c in cols)
-  lines = [f"{results['checkpoint']} — {results['split']} split, {results['num_phrases']} phrases, "
-           f"threshold {results['threshold']}", head, "-" * len(head)]
-  for m, r in results["methods"].items():
-    lines.append(f"{m:<18}" + "".join(f"{100 * r[c]:>14.1f}%" for c in cols))
-  return "\n".join(lines)
+  out = os.path.join(os.path.dirname(ck_dir), "eval", f"model_step{s}")
+  if not os.path.isdir(out):
+    model_dir.save(out, jax.tree.map(np.asarray, params), CLIPConfig.from_dict(meta["model_config"]),
+                   source=f"{ck_dir} step {s}", heads=meta.get("heads", {}))
+  return out
 
 
 def main(argv):
@@ -192,21 +70,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  if "task" in _CONFIG.value.get("eval", {}):  # real-dataset evaluations (configs/eval_*.py)
-    from trace_jax.evaluation import real
-    real.run(_CONFIG.value, _CKPT.value, _OUT.value)
-    return 0
-  if _CKPT.value is None:
+  from trace_jax.evaluation import tasks
+  config = _CONFIG.value
+  if _CKPT.value is None and tasks.task_of(config) in ("grounding", "trace_embedded"):
     raise app.UsageError("--checkpoint is required")
-  out = _OUT.value or os.path.join(_CKPT.value, "eval")
-  if _CONFIG.value.loss.name == "trace":  # patch-token grounding of TRACE (trace_jax/trace/evaluate.py)
-    from trace_jax.trace import evaluate as trace_eval
-    trace_eval.main(["--workdir", _CKPT.value, "--out", os.path.join(out, "trace_eval.json")])
-    return 0
-  evaluate(_CONFIG.value, _CKPT.value, out, _STEP.value)
+  path = resolve_model_dir(_CKPT.value, _STEP.value) if _CKPT.value is not None else None
+  out = _OUT.value
+  if out is None and _CKPT.value is not None and tasks.task_of(config) in ("grounding", "trace_embedded"):
+    out = os.path.join(_CKPT.value, "eval")   # beside the run, as before
+  tasks.run(config, path, out)
   return 0
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  app.run(main)
+  from configs.common import run_main
+  run_main(main, "evaluate.py")

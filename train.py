@@ -24,6 +24,16 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "call jax.distributed.init
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def run(config, workdir: str):
+  """The data source and objective of ``config``, trained in ``workdir`` (resumes); the final state."""
+  from trace_jax import objectives
+  from trace_jax.data import sources
+  from trace_jax.training.loop import train
+  source = sources.make(config)
+  task = objectives.make(config, source.info)
+  return train(config, workdir, task, source)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -33,11 +43,16 @@ def main(argv):
   config = _CONFIG.value
   enabled = _DISTRIBUTED.value if _DISTRIBUTED.value is not None else (config.distributed or None)
   mesh_lib.maybe_initialize_distributed(enabled)   # before any other JAX call
-  from trace_jax.training.loop import train
-  train(config, _WORKDIR.value)
+  from trace_jax.training.loop import WorkdirLocked
+  try:
+    run(config, _WORKDIR.value)
+  except (ValueError, KeyError, FileNotFoundError, WorkdirLocked) as e:  # bad config / data: one line
+    print(f"train.py: error: {e.args[0] if e.args else e}", file=sys.stderr)
+    return 2
   return 0
 
 
 if __name__ == "__main__":
   sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-  app.run(main)
+  from configs.common import run_main
+  run_main(main, "train.py")

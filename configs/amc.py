@@ -4,11 +4,11 @@ GradCAM of the phrase-image cosine at the last ViT block (``loss.amc.layer``); �
 λ1 = 0.2, λ2 = 0.8; L_mean pooled over the batch as the authors' code (``mean_pooling='sample'``
 for paper eq. 7).
 """
-from trace_jax.training.loop import default_config
+from configs import common
 
 
 def get_config():
-  c = default_config()
+  c = common.get_config()
   c.loss.name = "amc"
   c.train.steps = 3000
   return c

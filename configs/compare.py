@@ -6,7 +6,7 @@
 ``get_config(arg)`` with arg in {contrastive, amc, local_alignment}; everything but the objective is
 shared (model, data order, optimiser, steps, seed).
 """
-from trace_jax.training.loop import default_config
+from configs import common
 
 NAMES = ("contrastive", "amc", "local_alignment")
 
@@ -14,7 +14,7 @@ NAMES = ("contrastive", "amc", "local_alignment")
 def get_config(arg: str = "contrastive"):
   if arg not in NAMES:
     raise ValueError(f"compare config takes one of {NAMES}; got {arg!r}")
-  c = default_config()
+  c = common.get_config()
   c.seed = 0
   c.data.image_size = 64
   c.data.batch_size = 64

@@ -4,11 +4,11 @@ sized to train and evaluate on 2 CPU cores in well under 15 minutes.
     python train.py --config configs/demo.py --workdir /tmp/trace_demo
     python evaluate.py --config configs/demo.py --checkpoint /tmp/trace_demo
 """
-from trace_jax.training.loop import default_config
+from configs import common
 
 
 def get_config():
-  c = default_config()
+  c = common.get_config()
   c.seed = 0
   c.data.image_size = 64
   c.data.batch_size = 32

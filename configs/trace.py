@@ -2,21 +2,18 @@
 L = L_clip(captions) + L_cluster + L_anchor + L_token, from image-caption pairs only.
 
     python train.py --config configs/trace.py --workdir runs/trace
-    python -m trace_jax.trace.evaluate --workdir runs/trace            # grounding P / R / mIoU, purity
+    python evaluate.py --config configs/trace.py --checkpoint runs/trace     # grounding P / R / mIoU, purity
 
 Ablations are overrides: cluster-level only ``--config.loss.trace.w_token=0``; token-level only
 ``--config.loss.trace.w_cluster=0 --config.loss.trace.w_anchor=0 --config.loss.trace.gate=False``;
 the CLIP baseline (same tower) sets all three TRACE weights to 0.
 """
-from trace_jax.trace.task import default_trace_config
-from trace_jax.training.loop import default_config
+from configs import common
 
 
 def get_config():
-  c = default_config()
+  c = common.get_config()
   c.loss.name = "trace"
-  if "trace" not in c.loss:           # the loop's default config may already carry it
-    c.loss.trace = default_trace_config()
   # crate-clip-small (64 px, patch 8, width 128, 4 layers) with 10 heads of width 16: two subspaces per
   # coarse concept of the embedded data (5 coarse concepts; g(k) = floor(k C / K), docs/trace.md §3.1).
   c.model.preset = "crate-clip-small"

@@ -1,6 +1,6 @@
 """TRACE vs the CLIP baseline and the ablations: same tower, data order, optimiser, steps and seed.
 
-    python -m trace_jax.trace.compare --budget-minutes 10 --seed 0 --workdir runs/trace_compare
+    python compare.py --suite trace --budget-minutes 10 --seed 0 --workdir runs/trace_compare
     python train.py --config configs/trace_compare.py:cluster_only --workdir runs/tc/cluster_only   # one run
 
 ``get_config(arg)``, arg in RUNS:
@@ -9,23 +9,15 @@
   cluster_only  L_clip + L_cluster + L_anchor (w_token = 0)
   token_only    L_clip + L_token (w_cluster = w_anchor = 0; heatmaps without the coarse gate)
 """
-import importlib.util
-import os
+from configs import trace as trace_config
 
 RUNS = ("clip", "trace", "cluster_only", "token_only")
-
-
-def _base():
-  spec = importlib.util.spec_from_file_location("trace_config", os.path.join(os.path.dirname(__file__), "trace.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 def get_config(arg: str = "trace"):
   if arg not in RUNS:
     raise ValueError(f"trace_compare config takes one of {RUNS}; got {arg!r}")
-  c = _base()
+  c = trace_config.get_config()
   c.seed = 0
   c.data.image_size = 64
   c.data.batch_size = 64

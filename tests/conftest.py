@@ -9,16 +9,34 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def torch_or_skip():
-  """Import torch for a parity test; in CI the peers are installed, so a missing torch fails loudly."""
+# `make test` installs the peers ('.[peers,test]'), so a missing one is an error naming it; set
+# TRACE_JAX_ALLOW_MISSING_PEERS=1 to skip the tests that need it instead (a partial local install).
+ALLOW_MISSING_PEERS = "TRACE_JAX_ALLOW_MISSING_PEERS"
+
+
+def require_peer(module: str, package: str | None = None):
+  """Imports and returns `module` (a PyTorch peer or other test-only package, pip name `package`).
+
+  Missing: the test fails, naming the package and the fix, unless TRACE_JAX_ALLOW_MISSING_PEERS=1,
+  in which case it is skipped.
+  """
+  import importlib
+  package = package or module.split(".")[0]
   try:
-    import torch  # noqa: F401
-    torch.set_num_threads(2)
-    return torch
-  except ImportError:
-    if os.environ.get("CI"):
-      raise
-    pytest.skip("torch (the peers) not installed")
+    return importlib.import_module(module)
+  except ImportError as e:
+    if os.environ.get(ALLOW_MISSING_PEERS) == "1":
+      pytest.skip(f"{package} not installed ({ALLOW_MISSING_PEERS}=1)")
+    pytest.fail(f"{package} is not installed ({e}); install the peers with pip install -e '.[peers,test]' "
+                f"(make test does), or set {ALLOW_MISSING_PEERS}=1 to skip the tests that need it",
+                pytrace=False)
+
+
+def torch_or_skip():
+  """Import torch for a parity test (see require_peer: a missing torch fails unless opted out)."""
+  torch = require_peer("torch")
+  torch.set_num_threads(2)
+  return torch
 
 
 @pytest.fixture

@@ -15,13 +15,15 @@ import jax
 import numpy as np
 import pytest
 
-from trace_jax.training import checkpointing as ck, loop, mesh as mesh_lib, state as state_lib, step as step_lib
+from configs import common
+from trace_jax import objectives
+from trace_jax.training import checkpointing as ck, mesh as mesh_lib, state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config():
-  c = loop.default_config()
+  c = common.get_config()
   c.data.name, c.data.image_size, c.data.batch_size = "random", 32, 8
   c.data.context_length = 8
   c.model.preset, c.model.vision_layers, c.model.text_layers = "tiny", 1, 1
@@ -32,7 +34,7 @@ def _config():
 
 def test_save_restore_round_trip_exact(tmp_path):
   c = _config()
-  task = step_lib.make_task(c, {"vocab_size": 1000, "context_length": 8})
+  task = objectives.make(c, {"vocab_size": 1000, "context_length": 8})
   tx, _ = state_lib.make_optimizer(c.optim, 10)
   mesh = mesh_lib.make_mesh(2, 4)
   state, sh = state_lib.create_state(task.init_params, tx, mesh, 0)

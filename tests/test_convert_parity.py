@@ -377,7 +377,7 @@ def test_safetensors_convert_without_torch(tiny_hf, tmp_path):
   os.rename(oc, tmp_path / "open_clip_model.safetensors")
   code = (
       "import sys; sys.modules['torch'] = None\n"
-      "from trace_jax.convert.cli import convert\n"
+      "from trace_jax.convert import convert\n"
       f"convert('hf', {tiny_hf[2]!r}, {str(tmp_path / 'a')!r})\n"
       f"convert('openclip', {str(tmp_path)!r}, {str(tmp_path / 'b')!r})\n"
       "assert sys.modules['torch'] is None\n")

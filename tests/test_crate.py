@@ -248,8 +248,8 @@ def test_converter_reads_torch_checkpoint_file(rng, tmp_path):
   ckpt = {"state_dict": {"module." + k: torch.from_numpy(v) for k, v in sd.items()},
           "epoch": 3, "args": argparse.Namespace(lr=1e-3)}
   torch.save(ckpt, tmp_path / "crate.pth")
-  args = argparse.Namespace(src=str(tmp_path / "crate.pth"), dst=str(tmp_path / "dir"), model_name=None, heads=4)
-  assert conv.convert_cli(args) == 0
+  from trace_jax.convert import convert
+  convert("crate", str(tmp_path / "crate.pth"), str(tmp_path / "dir"), heads=4)
   cfg, params = conv.load_classifier(str(tmp_path / "dir"))
   images = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
   logits = CrateClassifier(cfg).apply({"params": params}, images)[0]
@@ -318,14 +318,89 @@ def test_clip_with_crate_tower_jit_vmap_and_perturbations(rng):
   assert float(jnp.abs(g["visual"]["transformer"]["block_0"]["attn"]["attn"]).sum()) > 0
 
 
-def test_crate_tower_bfloat16_and_bad_options():
-  cfg = get_config("crate-clip-tiny").replace(dtype="bfloat16")
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  out, _ = build(cfg).apply({"params": params}, jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32))
-  assert np.isfinite(np.asarray(out["logits_per_image"])).all()
-  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+# bfloat16 against float32 on the same (float32) params: relative errors measured on crate-clip-tiny
+# with the inputs of the test below (seeds 0-2): embeddings / tokens 0.6-1.3 %, contrastive loss
+# 0.1-0.2 %, parameter gradients (global L2) 1.8-2.8 %; the bounds leave 2-5x headroom.
+BF16_TOL = dict(out=3e-2, loss=1e-2, grad=8e-2)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_crate_tower_bfloat16_matches_float32(rng):
+  """dtype="bfloat16" computes in bfloat16 and agrees with float32 on the same params: embeddings,
+  the contrastive loss and its parameter gradients (one train step's), within BF16_TOL.
+
+  Fails on these broken variants (each checked by editing the CRATE model code): the tower ignoring
+  the config's dtype (bf16 silently runs float32); MSSA dropping the dim_head ** -0.5 scale when the
+  dtype is not float32 (embeddings off by 25 %); LayerNorm dropping its affine scale / bias when the
+  dtype is not float32 (10 %); ISTA stopping the gradient into D on the bfloat16 path (forward equal,
+  image-tower gradients off by 30 %). Not caught: a bf16-only slip as small as bf16 rounding itself
+  (e.g. dropping ISTA's eta * lambd = 0.01 threshold shifts outputs by ~1 %).
+  """
+  from trace_jax.losses.contrastive import clip_contrastive_loss
+  c32 = get_config("crate-clip-tiny")
+  c16 = c32.replace(dtype="bfloat16")
+  params = init_params(c16, jax.random.PRNGKey(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  # LayerNorm scales / biases away from 1 / 0 so that a path that drops them is seen
+  noise = iter(rng.standard_normal(len(jax.tree.leaves(params))))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.1 * next(noise) * jnp.ones_like(p) if path[-1].key in ("scale", "bias") else p,
+      params)
+  images = rng.standard_normal((4, 32, 32, 3)).astype(np.float32)
+  ids = rng.integers(1, 999, size=(4, 16)).astype(np.int32)
+  got = {}
+  for name, cfg in (("f32", c32), ("bf16", c16)):
+    model = build(cfg)
+
+    def loss_fn(p, model=model):
+      img, aux = model.apply({"params": p}, images, method="encode_image")
+      txt, _ = model.apply({"params": p}, ids, method="encode_text")
+      return clip_contrastive_loss(img, txt, p["logit_scale"]), (img, txt, aux["tokens"])
+
+    (loss, (img, txt, tokens)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+    got[name] = dict(loss=loss, img=img, txt=txt, tokens=tokens, grads=grads)
+  lo, hi = got["bf16"], got["f32"]
+  assert lo["tokens"].dtype == jnp.bfloat16 and hi["tokens"].dtype == jnp.float32
+  assert lo["img"].dtype == jnp.float32  # embeddings come back in float32
+  assert _rel(lo["img"], hi["img"]) > 1e-4  # really computed in lower precision
+  for k in ("img", "txt", "tokens"):
+    assert _rel(lo[k], hi[k]) <= BF16_TOL["out"], (k, _rel(lo[k], hi[k]))
+  assert abs(float(lo["loss"]) - float(hi["loss"])) <= BF16_TOL["loss"] * abs(float(hi["loss"]))
+  g_lo = np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(lo["grads"])])
+  g_hi = np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(hi["grads"])])
+  assert np.isfinite(g_lo).all() and _rel(g_lo, g_hi) <= BF16_TOL["grad"], _rel(g_lo, g_hi)
+  # the image tower alone (the CRATE part), so that text-tower gradients cannot dominate the sum
+  v_lo, v_hi = (np.concatenate([np.asarray(g).ravel() for g in jax.tree.leaves(x["grads"]["visual"])])
+                for x in (lo, hi))
+  assert _rel(v_lo, v_hi) <= BF16_TOL["grad"], _rel(v_lo, v_hi)
+
+
+def test_crate_bad_options():
   bad = get_config("crate-clip-tiny").replace(extra=(("crate_etta", 0.1),))
   with pytest.raises(ValueError, match="crate_etta"):
     crate_config_from_clip(bad)
   with pytest.raises(ValueError, match="pool"):
     CrateConfig(pool="max")
+
+
+def test_converter_takes_eta_not_stored_in_the_weights(rng, tmp_path):
+  """η is not in the weights: `convert --from crate --eta 0.05` reproduces a checkpoint trained with
+  ista=0.05 (float64 reference at η = 0.05); the default η = 0.1 does not (it is off by more than the
+  tolerance), so a dropped --eta would fail this test."""
+  from conftest import torch_or_skip
+  torch = torch_or_skip()
+  from trace_jax.cli import main
+  sd = make_state_dict(rng)
+  torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "crate.pth")
+  images = rng.standard_normal((1, 32, 32, 3)).astype(np.float32)
+  assert main(["convert", "--from", "crate", str(tmp_path / "crate.pth"), str(tmp_path / "d05"),
+               "--heads", "4", "--eta", "0.05"]) == 0
+  cfg, params = conv.load_classifier(str(tmp_path / "d05"))
+  assert cfg.eta == 0.05
+  logits = np.asarray(CrateClassifier(cfg).apply({"params": params}, images)[0])
+  np.testing.assert_allclose(logits, ref_forward(sd, images, 4, eta=0.05)["logits"], **TOL)
+  assert not np.allclose(logits, ref_forward(sd, images, 4, eta=0.1)["logits"], **TOL)

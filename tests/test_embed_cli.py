@@ -76,7 +76,7 @@ def test_embed_matches_transformers(hf_converted, batch_size):
 def test_batched_pads_last_batch_without_recompiling():
   import jax
   import jax.numpy as jnp
-  from trace_jax.embed import batched
+  from trace_jax.inference.embed import batched
   traces = []
 
   @jax.jit

@@ -111,20 +111,68 @@ def test_explain_cli_errors(model_dir, capsys):
   assert "give --text or --token-ids" in capsys.readouterr().err
 
 
+def _token_boxes(strip: np.ndarray) -> list[tuple[int, int, int, int]]:
+  """(x0, x1, y0, y1) of the coloured token boxes of a text strip, left to right: runs of non-white
+  pixels along the boxes' top row (above the glyphs), each box as tall as its colour runs down x0."""
+  rows = np.flatnonzero((strip != 255).any(axis=(1, 2)))
+  assert rows.size, "the text strip is blank"
+  y0 = int(rows[0])
+  ink = (strip[y0] != 255).any(-1)
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], ink.astype(np.int8), [0]])))
+  boxes = []
+  for x0, x1 in zip(edges[::2], edges[1::2]):
+    col = (strip[y0:, x0] == strip[y0, x0]).all(-1)
+    boxes.append((int(x0), int(x1), y0, y0 + int(np.argmin(col)) if not col.all() else strip.shape[0]))
+  return boxes
+
+
 @pytest.mark.slow
 def test_explain_m2ib_colours_text_tokens(model_dir):
-  """M2IB: the PNG carries the coloured tokens under the overlay; the npz the token attributions."""
+  """M2IB: under the 32 px overlay, one box per word of the text, left to right in the text's order,
+  each coloured by the word's attribution from the npz (min-max over the words, the 'Reds' colormap:
+  darker = higher) and carrying its glyphs (black ink, white above 0.6).
+
+  Fails on these broken variants (checked by editing trace_jax/utils/overlay.py
+  ``text_tokens_image``): colours assigned in reverse order; colours from ``1 - score``; one colour
+  for every token; the token text not drawn.
+  """
+  import matplotlib
   root, d = model_dir
   out, npz = root / "m2ib.png", root / "m2ib.npz"
-  rc = main(["explain", "--checkpoint", d, "--image", str(root / "img0.png"), "--text", "a red cube",
+  text = "a red cube"
+  rc = main(["explain", "--checkpoint", d, "--image", str(root / "img0.png"), "--text", text,
              "--method", "m2ib", "--set", "layer=0", "--set", "steps=2", "--set", "samples=2",
              "--out", str(out), "--out-npz", str(npz)])
   assert rc == 0
   from PIL import Image
-  im = np.asarray(Image.open(out))
-  assert im.shape[0] > 32 and im.shape[1] >= 32  # overlay + token strip below it
+  im = np.asarray(Image.open(out).convert("RGB"))
   z = np.load(npz)
   assert z["map"].shape == (1, 32, 32) and z["text"].ndim == 2 and np.isfinite(z["text"]).all()
+  assert im.shape[0] > 32 and im.shape[1] >= 32  # overlay + token strip below it
+  # the words' attributions: valid positions are start, the words, end
+  pos = np.flatnonzero(z["text_valid"][0])[1:-1]
+  words = text.split()
+  assert len(pos) == len(words)
+  s = z["text"][0][pos].astype(np.float64)
+  assert s.max() - s.min() > 0.1, s  # distinct enough for the colours to tell them apart
+  s = (s - s.min()) / (s.max() - s.min())
+  boxes = _token_boxes(im[32:])
+  assert len(boxes) == len(words), boxes
+  widths = [x1 - x0 for x0, x1, _, _ in boxes]
+  assert widths == sorted(widths) and len(set(widths)) == 3, widths  # 'a' < 'red' < 'cube'
+  want = np.round(matplotlib.colormaps["Reds"](s)[:, :3] * 255)
+  strip = im[32:].astype(np.int32)
+  colours = np.asarray([strip[y0, x0] for x0, _, y0, _ in boxes])
+  np.testing.assert_allclose(colours, want, atol=1)
+  # darker box = higher attribution, in the text's order
+  darkness = -colours.sum(-1)
+  assert list(np.argsort(darkness)) == list(np.argsort(s)), (darkness, s)
+  for (x0, x1, y0, y1), c, v in zip(boxes, colours, s):
+    box = strip[y0:y1, x0:x1]
+    glyph = np.abs(box - c).sum(-1) > 150
+    assert glyph.sum() >= 5, "no text drawn in a token box"
+    lum = box[glyph].sum(-1)
+    assert (lum.max() > c.sum()) if v > 0.6 else (lum.min() < c.sum()), "ink colour"
 
 
 def test_overlay_helpers():

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import torch_or_skip
+from conftest import require_peer, torch_or_skip
 
 from trace_jax.attribution import m2ib
 from trace_jax.models import build, get_config, init_params
@@ -404,7 +404,7 @@ def test_matches_hf_port_of_the_official_code():
   torch = torch_or_skip()
   import importlib.util
   import pathlib
-  transformers = pytest.importorskip("transformers")
+  transformers = require_peer("transformers")
   from trace_jax.convert.hf import from_torch_model
   path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "m2ib_torch_port.py"
   spec = importlib.util.spec_from_file_location("m2ib_torch_port", path)

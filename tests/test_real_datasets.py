@@ -1,7 +1,7 @@
 """Real-dataset tfds builders on tiny fixtures written in the official layouts (tests/fixtures_real.py):
 parsed boxes, masks, phrases and splits against what the fixtures hold; errors naming the file and
 field; skip-and-count of annotations whose image is missing; the COCO mask decoder against
-pycocotools; the eval configs.
+pycocotools; the eval configs; every builder with TensorFlow hidden from the import system.
 """
 import glob
 import importlib.util
@@ -16,8 +16,11 @@ import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fixtures_real as FX  # noqa: E402
+from conftest import require_peer  # noqa: E402
 
-from trace_jax.data.real import common as C  # noqa: E402
+from trace_jax.data.real import builder as B  # noqa: E402
+from trace_jax.data.real import masks as M  # noqa: E402
+from trace_jax.data.real import readers as R  # noqa: E402
 from trace_jax.data.real import coco, flickr30k_entities, mscxr, refcoco, visual_genome, voc  # noqa: E402
 
 
@@ -30,9 +33,86 @@ def _all(builder, split):
   return [ds[i] for i in range(len(ds))]
 
 
-def test_no_tensorflow():
-  assert importlib.util.find_spec('tensorflow') is None
-  assert 'tensorflow' not in sys.modules
+# Run in a fresh interpreter in which `import tensorflow` raises ImportError, whether or not
+# TensorFlow is installed: every builder is imported, built from its
+# fixture, read back and its images / masks decoded.
+_NO_TF_SCRIPT = r"""
+import importlib.abc, sys
+
+class _HideTensorFlow(importlib.abc.MetaPathFinder):
+  # Wraps a finder so that it finds no `tensorflow` / `tensorflow.*`: with every finder wrapped, an
+  # import raises ModuleNotFoundError and importlib.util.find_spec returns None, exactly as when
+  # TensorFlow is not installed (`sys.modules['tensorflow'] = None` would not do: tfds then takes
+  # TensorFlow as loaded).
+  def __init__(self, finder):
+    self.finder = finder
+
+  def find_spec(self, name, path=None, target=None):
+    if name == 'tensorflow' or name.startswith('tensorflow.'):
+      return None
+    return self.finder.find_spec(name, path, target)
+
+  def invalidate_caches(self):
+    getattr(self.finder, 'invalidate_caches', lambda: None)()
+
+assert not any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules)
+sys.meta_path[:] = [_HideTensorFlow(f) for f in sys.meta_path]
+try:
+  import tensorflow  # noqa: F401
+  raise AssertionError('tensorflow is still importable')
+except ModuleNotFoundError:
+  pass
+tests_dir, tmp = sys.argv[1], sys.argv[2]
+sys.path.insert(0, tests_dir)
+import os
+import fixtures_real as FX
+from trace_jax.data.real import coco, flickr30k_entities, masks, mscxr, readers, refcoco, visual_genome, voc
+cases = [('coco', FX.write_coco, coco, 'instances_val2017', 'image', 'masks'),
+         ('coco_stuff', FX.write_coco, coco, 'stuff_val2017', 'image', 'label_map'),
+         ('refcoco', FX.write_refcoco, refcoco, None, 'image', 'masks'),
+         ('flickr', FX.write_flickr30k_entities, flickr30k_entities, None, 'image', None),
+         ('vg', FX.write_visual_genome, visual_genome, None, 'image', None),
+         ('voc', FX.write_voc, voc, None, 'image', 'label_map'),
+         ('mscxr', FX.write_mscxr, mscxr, None, 'image', None)]
+for name, write, mod, config, image_key, mask_key in cases:
+  root = os.path.join(tmp, name)
+  write(root)
+  b = mod.prepare(root, os.path.join(tmp, name + '_data'), config)
+  n = 0
+  for split in b.info.splits.keys():
+    ds = b.as_data_source(split=split)
+    for i in range(len(ds)):
+      e = ds[i]
+      assert readers.decode_image(e[image_key]).ndim == 3
+      if mask_key:
+        for m in (e[mask_key] if mask_key == 'masks' else [e[mask_key]]):
+          assert masks.decode_png(m).ndim == 2
+      n += 1
+  assert n > 0, name
+  print(name, n)
+assert not any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules), 'tensorflow loaded'
+print('built without tensorflow')
+"""
+
+
+def test_builders_run_with_tensorflow_blocked(tmp_path):
+  """Every real builder imports, builds, and reads back with TensorFlow hidden from the import system
+  (every `sys.meta_path` finder wrapped, in a fresh interpreter), so the check holds where TensorFlow
+  is installed.
+
+  Fails on these broken variants (checked by editing trace_jax/data/real/builder.py): an
+  `import tensorflow` at the top of builder.py (also with a stand-in `tensorflow` package on
+  PYTHONPATH, i.e. where TensorFlow is installed); `IMAGE_BYTES` as `tfds.features.Image()` (no
+  longer the original encoded bytes).
+  """
+  import subprocess
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  repo = os.path.dirname(tests_dir)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+  r = subprocess.run([sys.executable, '-c', _NO_TF_SCRIPT, tests_dir, str(tmp_path)], env=env, cwd=repo,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+  assert 'built without tensorflow' in r.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -41,34 +121,34 @@ def test_no_tensorflow():
 
 @pytest.mark.filterwarnings('ignore::DeprecationWarning')
 def test_polygon_and_rle_match_pycocotools(rng):
-  mask_api = pytest.importorskip('pycocotools.mask')
+  mask_api = require_peer('pycocotools.mask', 'pycocotools')  # in the test extras
   for t in range(200):
     h, w = (int(v) for v in rng.integers(4, 50, 2))
     k = int(rng.integers(3, 10))
     poly = rng.uniform(-2, [w + 2, h + 2], (k, 2)).reshape(-1)
     poly = (np.round(poly) if t % 3 == 0 else poly).tolist()
     ref = mask_api.decode(mask_api.merge(mask_api.frPyObjects([poly], h, w))).astype(bool)
-    ours = C.polygons_to_mask([poly], h, w)
+    ours = M.polygons_to_mask([poly], h, w)
     np.testing.assert_array_equal(ours, ref, err_msg=f'polygon case {t}')
     enc = mask_api.encode(np.asfortranarray(ref.astype(np.uint8)))
-    assert C.rle_to_string(C.rle_encode(ref)) == enc['counts'].decode()
-    np.testing.assert_array_equal(C.rle_decode(C.rle_from_string(enc['counts']), h, w), ref)
+    assert M.rle_to_string(M.rle_encode(ref)) == enc['counts'].decode()
+    np.testing.assert_array_equal(M.rle_decode(M.rle_from_string(enc['counts']), h, w), ref)
 
 
 def test_rle_independent_of_pycocotools(rng):
   for _ in range(20):
     m = rng.random((13, 17)) < 0.4
     runs = FX.column_major_runs(m)          # written without trace_jax
-    np.testing.assert_array_equal(C.rle_decode(runs, 13, 17), m)
-    assert C.rle_encode(m) == runs
-    np.testing.assert_array_equal(C.rle_decode(C.rle_from_string(C.rle_to_string(runs)), 13, 17), m)
+    np.testing.assert_array_equal(M.rle_decode(runs, 13, 17), m)
+    assert M.rle_encode(m) == runs
+    np.testing.assert_array_equal(M.rle_decode(M.rle_from_string(M.rle_to_string(runs)), 13, 17), m)
   # integer rectangle polygon -> rows y0..y1-1, cols x0..x1-1
-  m = C.polygons_to_mask([[2, 3, 7, 3, 7, 9, 2, 9]], 12, 10)
+  m = M.polygons_to_mask([[2, 3, 7, 3, 7, 9, 2, 9]], 12, 10)
   ref = np.zeros((12, 10), bool)
   ref[3:9, 2:7] = True
   np.testing.assert_array_equal(m, ref)
-  with pytest.raises(C.AnnotationError, match='segmentation'):
-    C.coco_segmentation_to_mask({'counts': [3, 4], 'size': [3, 3]}, 3, 3)
+  with pytest.raises(R.AnnotationError, match='segmentation'):
+    M.coco_segmentation_to_mask({'counts': [3, 4], 'size': [3, 3]}, 3, 3)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,19 +187,16 @@ def test_coco_instances(coco_built):
     np.testing.assert_allclose(e['boxes'], want)
     assert [_s(c) for c in e['category']] == [
         {1: 'person', 18: 'dog', 47: 'cup'}[a['category_id']] for a in mine]
-    img = C.decode_image(e['image'])
+    img = R.decode_image(e['image'])
     assert img.shape == (e['height'], e['width'], 3)
     assert e['masks'].shape == (len(mine),)
-  masks = {a: C.decode_png(m) for e in ex for a, m in zip(e['ann_id'].tolist(), e['masks'])}
+  masks = {a: M.decode_png(m) for e in ex for a, m in zip(e['ann_id'].tolist(), e['masks'])}
   rect = np.zeros((40, 48), np.uint8)
   rect[6:26, 4:14] = 1
   np.testing.assert_array_equal(masks[1], rect)
   np.testing.assert_array_equal(masks[3], truth['crowd_mask'].astype(np.uint8))
   assert bool(ex[0]['iscrowd'][2]) and not bool(ex[0]['iscrowd'][0])
-  try:
-    from pycocotools import mask as mask_api
-  except ImportError:
-    return
+  mask_api = require_peer('pycocotools.mask', 'pycocotools')
   for aid in (2, 4):
     a = anns[aid]
     h, w = (40, 48) if a['image_id'] == 139 else (32, 30)
@@ -132,7 +209,7 @@ def test_coco_stuff(coco_built):
   ex = _all(b, 'val2017')
   assert [int(e['image_id']) for e in ex] == [139, 285]
   for e in ex:
-    lab = C.decode_png(e['label_map'])
+    lab = M.decode_png(e['label_map'])
     np.testing.assert_array_equal(lab, truth['maps'][int(e['image_id'])])
     assert e['labels'].tolist() == [0, 156, 170]
   e = ex[0]
@@ -161,11 +238,11 @@ def test_coco_errors(tmp_path):
   js = json.loads(p.read_text())
   del js['annotations'][1]['bbox']
   p.write_text(json.dumps(js))
-  with pytest.raises(C.AnnotationError) as e:
+  with pytest.raises(R.AnnotationError) as e:
     coco.prepare(str(root), str(tmp_path / 'd'), 'instances', splits=('val2017',), name='e2')
   assert 'instances_val2017.json' in str(e.value) and "'annotations[1].bbox'" in str(e.value)
   p.write_text('{"images": [')
-  with pytest.raises(C.AnnotationError, match='instances_val2017.json.*not valid JSON'):
+  with pytest.raises(R.AnnotationError, match='instances_val2017.json.*not valid JSON'):
     coco.prepare(str(root), str(tmp_path / 'd'), 'instances', splits=('val2017',), name='e3')
 
 
@@ -196,7 +273,7 @@ def test_refcoco(refcoco_built):
   assert [_s(s) for s in e['sentences']] == ['man on the left', 'left guy', 'right man']
   assert [_s(s) for s in e['sentences_raw']] == ['Man on the LEFT', 'left guy', 'right man']
   assert e['sentence_ref'].tolist() == [0, 0, 1] and e['sent_id'].tolist() == [0, 1, 2]
-  m = C.decode_png(e['masks'][2])
+  m = M.decode_png(e['masks'][2])
   want = np.zeros((30, 40), np.uint8)
   want[20:26, 5:11] = 1
   np.testing.assert_array_equal(m, want)
@@ -224,7 +301,7 @@ def test_refcoco_errors(tmp_path):
   refs = pickle.loads(p.read_bytes())
   del refs[2]['split']
   p.write_bytes(pickle.dumps(refs, protocol=2))
-  with pytest.raises(C.AnnotationError) as e:
+  with pytest.raises(R.AnnotationError) as e:
     refcoco.prepare(str(root), str(tmp_path / 'd'), 'refcocog_umd')
   assert 'refs(umd).p' in str(e.value) and "'refs[2].split'" in str(e.value)
 
@@ -274,7 +351,7 @@ def test_flickr_errors(tmp_path):
   root = tmp_path / 'm'
   FX.write_flickr30k_entities(str(root))
   (root / 'Annotations' / '10002456.xml').write_text('<annotation><size><width>3</width></size></annotation>')
-  with pytest.raises(C.AnnotationError, match=r'10002456\.xml.*size\.height'):
+  with pytest.raises(R.AnnotationError, match=r'10002456\.xml.*size\.height'):
     flickr30k_entities.prepare(str(root), str(tmp_path / 'd'), splits=('train',), name='x')
   os.remove(root / 'Sentences' / '10002456.txt')
   with pytest.raises(FileNotFoundError, match=r'Sentences/10002456\.txt'):
@@ -322,7 +399,7 @@ def test_visual_genome_errors(tmp_path):
   js = json.loads(p.read_text())
   del js[0]['objects'][1]['w']
   p.write_text(json.dumps(js))
-  with pytest.raises(C.AnnotationError) as e:
+  with pytest.raises(R.AnnotationError) as e:
     visual_genome.prepare(str(root), str(tmp_path / 'd'))
   assert 'objects.json' in str(e.value) and "'[0].objects[1].w'" in str(e.value)
   os.remove(root / 'region_descriptions.json')
@@ -345,7 +422,7 @@ def test_voc2012(tmp_path):
     assert [_s(e['image_id']) for e in ex] == ids
     for e in ex:
       lab = truth['labels'][_s(e['image_id'])]
-      np.testing.assert_array_equal(C.decode_png(e['label_map']), lab)
+      np.testing.assert_array_equal(M.decode_png(e['label_map']), lab)
       assert e['labels'].tolist() == sorted(set(np.unique(lab).tolist()) - {0, 255})
   assert b.stats['missing_image_annotations'] == {'val': 1}
   assert b.info.metadata['class_names'][15] == 'person'
@@ -362,9 +439,9 @@ def test_pascal_context(tmp_path):
   for split in ('train', 'val'):
     (e59,), (e459,) = _all(b59, split), _all(b459, split)
     raw = truth['maps'][truth['ids'][split][0]]
-    np.testing.assert_array_equal(C.decode_png(e459['label_map']), raw)
+    np.testing.assert_array_equal(M.decode_png(e459['label_map']), raw)
     want = np.vectorize(lambda v: sub.get(full.get(int(v), ''), 0))(raw)
-    np.testing.assert_array_equal(C.decode_png(e59['label_map']), want)
+    np.testing.assert_array_equal(M.decode_png(e59['label_map']), want)
     assert e59['labels'].tolist() == sorted(set(np.unique(want).tolist()) - {0})
 
 
@@ -395,7 +472,7 @@ def test_mscxr_errors(tmp_path):
   p = root / 'MS_CXR_Local_Alignment_v1.1.0.csv'
   lines = p.read_text().splitlines()
   p.write_text('\n'.join([lines[0].replace('label_text', 'text')] + lines[1:]) + '\n')
-  with pytest.raises(C.AnnotationError, match=r'v1\.1\.0\.csv.*label_text.*column missing'):
+  with pytest.raises(R.AnnotationError, match=r'v1\.1\.0\.csv.*label_text.*column missing'):
     mscxr.prepare(str(root), str(tmp_path / 'd'))
   with pytest.raises(FileNotFoundError, match=r'v1\.0\.0\.csv'):
     mscxr.prepare(str(root), str(tmp_path / 'd'), 'v1_0_0')
@@ -426,7 +503,7 @@ def test_eval_configs_name_real_builders():
     d = cfg.eval.dataset
     mod = real.module(d.name)
     builder_cls = next(v for v in vars(mod).values() if isinstance(v, type)
-                       and issubclass(v, C.RealBuilder) and v is not C.RealBuilder)
+                       and issubclass(v, B.RealBuilder) and v is not B.RealBuilder)
     assert d.config in {c.name for c in builder_cls.BUILDER_CONFIGS}, p
     assert d.split and d.manual_dir and cfg.eval.checkpoint and cfg.eval.method, p
 
@@ -434,13 +511,13 @@ def test_eval_configs_name_real_builders():
 def test_build_command_line(tmp_path, capsys):
   root = tmp_path / 'm'
   FX.write_coco(str(root))
-  rc = C.main(coco.prepare, 'instances', coco.TraceCoco,
+  rc = B.main(coco.prepare, 'instances', coco.TraceCoco,
               ['--manual_dir', str(root), '--data_dir', str(tmp_path / 'd'), '--config', 'stuff',
                '--splits', 'val2017'])
   out = capsys.readouterr().out
   assert rc == 0 and 'trace_coco/stuff_val2017' in out and 'val2017: 2 examples' in out
   assert '"missing_image_annotations": {"val2017": 1}' in out
   os.remove(root / 'annotations' / 'captions_val2017.json')
-  rc = C.main(coco.prepare, 'instances', coco.TraceCoco,
+  rc = B.main(coco.prepare, 'instances', coco.TraceCoco,
               ['--manual_dir', str(root), '--data_dir', str(tmp_path / 'd2'), '--config', 'stuff_val2017'])
   assert rc == 2 and 'captions_val2017.json' in capsys.readouterr().out

@@ -10,7 +10,8 @@ from conftest import torch_or_skip
 from PIL import Image, ImageFilter
 
 from trace_jax.data import pipeline
-from trace_jax.data.shapes import render
+from trace_jax.data.shapes import scene
+from trace_jax.data.shapes.concepts import load_concepts
 from trace_jax.evaluation import retrieval as R
 from trace_jax.evaluation import visual_prompts as vp
 from trace_jax.evaluation import zeroshot as zs
@@ -37,7 +38,7 @@ def tiny(tok):
 @pytest.fixture(scope='module')
 def examples():
   """Four 32 px scenes (1-5 objects each), rendered directly (no tfds build needed)."""
-  return [render.generate_example(0, 'test', i, image_size=32) for i in range(4)]
+  return [scene.generate_example(0, 'test', i, image_size=32) for i in range(4)]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -348,7 +349,7 @@ def test_region_embeddings_errors(tiny, examples):
 
 def test_evaluate_with_oracles(tiny, tok, examples):
   model, params = tiny
-  c = render.load_concepts()
+  c = load_concepts()
   names = [c.fine_names[i] for i in c.things]
   cls_emb = np.asarray(zs.class_text_embeddings(model, params, tok, names, zs.SHAPES_TEMPLATES))
   n_regions = sum(len(e['objects']['fine']) for e in examples)

@@ -15,11 +15,12 @@ import pytest
 
 from trace_jax.data import pipeline
 from trace_jax.data.shapes import builder as shapes_builder
-from trace_jax.data.shapes import render
+from trace_jax.data.shapes import scene
+from trace_jax.data.shapes.concepts import CONCEPTS_PATH, load_concepts
 
 TINY = dict(image_size=32, split_sizes={'train': 24, 'validation': 4, 'test': 4, 'heldout': 8,
                                         'openvocab': 8})
-with open(render.CONCEPTS_PATH) as f:
+with open(CONCEPTS_PATH) as f:
   CJ = json.load(f)
 FINE = [f['name'] for f in CJ['fine']]
 COARSE = [c['name'] for c in CJ['coarse']]
@@ -43,9 +44,9 @@ def built(tmp_path_factory):
 def examples():
   """Scenes rendered directly at the default size, from every split."""
   out = []
-  for split in render.SPLITS:
+  for split in scene.SPLITS:
     n = 90 if split == 'train' else 30
-    out += [(split, render.generate_example(0, split, i, 64)) for i in range(n)]
+    out += [(split, scene.generate_example(0, split, i, 64)) for i in range(n)]
   return out
 
 
@@ -66,7 +67,7 @@ def test_builder_same_seed_same_bytes(built, tmp_path):
   b2 = shapes_builder.prepare(data_dir=str(tmp_path / 'b'), **TINY)
   d1, d2 = built.data_path, b2.data_path
   recs = sorted(f for f in os.listdir(d1) if '.array_record' in f)
-  assert len(recs) == len(render.SPLITS)
+  assert len(recs) == len(scene.SPLITS)
   assert recs == sorted(f for f in os.listdir(d2) if '.array_record' in f)
   for f in recs:
     assert filecmp.cmp(os.path.join(d1, f), os.path.join(d2, f), shallow=False), f
@@ -82,7 +83,7 @@ def test_records_are_the_generator_output_in_index_order(built):
     src = built.as_data_source(split=split)
     assert len(src) == n
     for i in (0, n - 1):
-      rec, ref = src[i], render.generate_example(0, split, i, 32)
+      rec, ref = src[i], scene.generate_example(0, split, i, 32)
       assert rec['id'] == i
       for k in ('image', 'semantic', 'instance', 'word_obj', 'word_stuff', 'word_kind', 'stuff'):
         np.testing.assert_array_equal(rec[k], ref[k])
@@ -97,15 +98,15 @@ def test_records_are_the_generator_output_in_index_order(built):
 
 
 def test_generator_is_a_function_of_seed_split_index():
-  a, b = render.generate_example(3, 'test', 7, 48), render.generate_example(3, 'test', 7, 48)
+  a, b = scene.generate_example(3, 'test', 7, 48), scene.generate_example(3, 'test', 7, 48)
   np.testing.assert_array_equal(a['image'], b['image'])
   assert a['caption'] == b['caption']
-  c = render.generate_example(3, 'test', 8, 48)
+  c = scene.generate_example(3, 'test', 8, 48)
   assert not np.array_equal(a['image'], c['image'])
   with pytest.raises(ValueError, match='unknown split'):
-    render.generate_example(0, 'tran', 0)
+    scene.generate_example(0, 'tran', 0)
   with pytest.raises(ValueError, match='image_size'):
-    render.generate_example(0, 'train', 0, 8)
+    scene.generate_example(0, 'train', 0, 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def test_caption_words_name_their_pixels(examples):
     assert len(words) == len(e['word_obj']) == len(e['word_stuff']) == len(e['word_kind'])
     wm = pipeline.word_masks(e)
     for i, w in enumerate(words):
-      kind = render.WORD_KINDS[e['word_kind'][i]]
+      kind = scene.WORD_KINDS[e['word_kind'][i]]
       k, st = e['word_obj'][i], e['word_stuff'][i]
       if kind == 'function':
         assert k == -1 and st == -1 and not wm[i].any()
@@ -181,7 +182,7 @@ def _resolve(text, e, size):
     attrs = {COLORS[o['color'][k]], CJ['sizes'][o['size'][k]], CJ['textures'][o['texture'][k]]}
     if all(x in attrs for x in w if x in COLORS or x in CJ['sizes'] or x in CJ['textures']):
       cand.append(k)
-  gap = render.SPATIAL_MARGIN * size
+  gap = scene.SPATIAL_MARGIN * size
   y = {k: centres[k][0] for k in cand}
   x = {k: centres[k][1] for k in cand}
 
@@ -255,7 +256,7 @@ def test_heldout_and_open_vocab_splits(examples):
 
 
 def test_concept_hierarchy_is_two_levels():
-  c = render.load_concepts()
+  c = load_concepts()
   for coarse in COARSE:
     assert len(c.children(coarse)) >= 2
   assert set(c.things) | set(c.stuff) == set(range(len(FINE)))

@@ -6,7 +6,7 @@
   parameters as on one device (losses rtol 1e-5; parameters after two AdamW steps rtol 1e-5 + atol 2e-6,
   Adam eps 1e-4 as in tests/test_sharded_step.py: summation order differs, ~1e-7 relative in gradients);
 * evaluation with oracle maps (each word's map = the union of its GT patch masks in the caption, one-hot
-  memberships from the GT) against an independent loop over the raw examples (render.word_masks):
+  memberships from the GT) against an independent loop over the raw examples (scene.word_masks):
   recall 1, precision / IoU = |GT| / |union| per token, purity 1;
 * the closed vocabulary leaves out the open-vocabulary words; the report writes PNGs and the table.
 """
@@ -20,10 +20,13 @@ import pytest
 
 from trace_jax.data import pipeline
 from trace_jax.data.shapes import builder as shapes_builder
-from trace_jax.data.shapes import render
+from trace_jax.data.shapes import scene
+from trace_jax.data.shapes.concepts import load_concepts
 from trace_jax.trace import evaluate as ev
-from trace_jax.trace.task import default_trace_config, make_trace_task, token_to_vocab
-from trace_jax.training import loop, mesh as mesh_lib, sharding as shd, state as state_lib, step as step_lib
+from configs import common
+from trace_jax.objectives.trace import default_trace_config, make_trace_task
+from trace_jax.trace.vocab import token_to_vocab
+from trace_jax.training import mesh as mesh_lib, sharding as shd, state as state_lib, step as step_lib
 
 TINY = dict(image_size=32, split_sizes={'train': 24, 'validation': 4, 'test': 6, 'heldout': 4, 'openvocab': 6})
 FAST = {"xla_backend_optimization_level": 0}
@@ -42,7 +45,7 @@ def data(tmp_path_factory):
 
 
 def _config(**trace):
-  c = loop.default_config()
+  c = common.get_config()
   c.data.image_size, c.data.batch_size = 32, B
   c.loss.name = "trace"
   c.loss.trace = default_trace_config()
@@ -131,7 +134,7 @@ def _oracle(task, vocab):
   memberships one-hot on the first subspace assigned to the patch's GT coarse concept."""
   t2v = token_to_vocab(task.tokenizer, vocab)
   assignment = np.asarray(task.arrays["assignment"])
-  label_coarse = np.asarray(render.load_concepts().fine_coarse)
+  label_coarse = np.asarray(load_concepts().fine_coarse)
 
   def f(params, b):
     bsz, L, g, _ = b["token_masks"].shape
@@ -150,12 +153,12 @@ def _oracle(task, vocab):
 
 def _reference(source, vocab, words_only=None):
   """Independent per-token precision / recall / IoU of the union oracle, from the raw examples."""
-  kinds = {render.KIND[k] for k in ev.KINDS}
+  kinds = {scene.KIND[k] for k in ev.KINDS}
   P, R, I = [], [], []
   for i in range(len(source)):
     e = source[i]
     words = pipeline._str(e["caption"]).split(" ")
-    wm = render.word_masks(e)                                                  # [W, S, S] bool
+    wm = scene.word_masks(e)                                                  # [W, S, S] bool
     s = wm.shape[-1]
     gt = wm.reshape(len(words), s // 8, 8, s // 8, 8).mean(axis=(2, 4)) >= 0.5
     sel = [j for j, w in enumerate(words) if int(e["word_kind"][j]) in kinds and w in vocab.words
@@ -198,3 +201,47 @@ def test_evaluate_and_report_run_on_a_model(task, data, tmp_path):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.exists(tmp_path / "rep" / "subspaces.md")
   assert "| subspace | assigned g(k)" in (tmp_path / "rep" / "subspaces.md").read_text()
+
+
+def test_training_beats_the_untrained_start(task, data):
+  """120 steps (seed 0, batches rotating over the 24 training images, ~15 s): the trained model's
+  subspace purity and grounding beat its own untrained start, on the training split (24 images)
+  and on the held-out test split (6 images; noisier, so smaller margins).
+  Measured (seed 0): train purity 0.17 -> 0.49, recall 0.003 -> 0.23, mIoU 0.003 -> 0.20; test
+  purity 0.15 -> 0.26, recall 0 -> 0.09, mIoU 0 -> 0.08.
+
+  Broken variants this catches (checked): the TRACE terms' gradient sign flipped in
+  trace_jax/losses/trace.py (``trace_loss`` returning ``2 * stop_gradient(total) - total``: same logged
+  loss); the token term's gradient sign flipped alone (``token_loss``).
+  """
+  steps = 120
+  tx, sched = state_lib.make_optimizer(_config().optim, steps)
+  mesh = mesh_lib.single_device_mesh()
+  state, sh = state_lib.create_state(task.init_params, tx, mesh, 0, FAST)
+
+  def scores(params):
+    return {split: ev.evaluate(task, params, data[split], batch_size=24) for split in ("train", "test")}
+
+  before = scores(jax.device_get(state.params))
+  f = step_lib.jit_train_step(step_lib.make_train_step(task.loss_fn, tx, sched), sh, mesh, FAST)
+  with jax.set_mesh(mesh):
+    for k in range(steps):
+      state, _ = f(state, shd.global_batch(_batch(data, k), mesh))
+  after = scores(jax.device_get(state.params))
+  gains = {s: {k: after[s][k] - before[s][k] for k in ("purity", "recall", "miou")} for s in after}
+  assert gains["train"]["purity"] > 0.15, gains
+  assert gains["train"]["recall"] > 0.1 and gains["train"]["miou"] > 0.1, gains
+  assert gains["test"]["purity"] > 0.05, gains
+  assert gains["test"]["recall"] > 0.03 and gains["test"]["miou"] > 0.03, gains
+
+
+def test_vocab_round_trips_through_its_json_form(task):
+  """The ``trace`` head's JSON form (trace/vocab.py ``vocab_to_meta``) gives back the same words and
+  bit-identical anchors, so evaluation from a model dir uses the anchors the model was trained against."""
+  import json
+  from trace_jax.trace.vocab import vocab_from_meta, vocab_to_meta
+  back = vocab_from_meta(json.loads(json.dumps(vocab_to_meta(task.vocab))))
+  for a, b in ((task.vocab.closed, back.closed), (task.vocab.open, back.open)):
+    assert a.words == b.words and a.coarse_names == b.coarse_names
+    for key in ("anchors", "coarse", "group"):
+      np.testing.assert_array_equal(np.asarray(getattr(b, key)), np.asarray(getattr(a, key)), err_msg=key)

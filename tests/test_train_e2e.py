@@ -56,13 +56,13 @@ def test_demo_train_then_evaluate(tmp_path):
 
 
 def test_apply_overrides_types_and_unknown_keys():
-  from trace_jax.training.loop import apply_overrides, default_config
+  from configs.common import apply_overrides, get_config as default_config
   c = apply_overrides(default_config(), {"train.steps": "7", "optim.lr": "0.5", "train.progress": "false",
                                          "loss.name": "amc"})
   assert (c.train.steps, c.optim.lr, c.train.progress, c.loss.name) == (7, 0.5, False, "amc")
-  with pytest.raises(KeyError, match="unknown config key 'stepz'"):
+  with pytest.raises(KeyError, match="unknown config key 'train.stepz' \\(did you mean 'train.steps'\\?\\)"):
     apply_overrides(default_config(), {"train.stepz": "1"})
-  with pytest.raises(KeyError, match="unknown config key 'trian'"):
+  with pytest.raises(KeyError, match="unknown config key 'trian.steps'"):
     apply_overrides(default_config(), {"trian.steps": "1"})
   with pytest.raises(ValueError, match="expected a boolean"):
     apply_overrides(default_config(), {"train.progress": "maybe"})
@@ -87,3 +87,70 @@ def test_compare_py_prints_the_table(tmp_path):
   assert f"{100 * pg:.1f}%" == rows["amc"].split()[1]
   for name in rows:
     assert sorted(os.listdir(tmp_path / "cmp" / name / "checkpoints")) == ["2"]
+
+
+AMC_SIZES = "train=256,validation=4,test=256,heldout=4,openvocab=4"
+
+
+def _grounding(config, task, params):
+  """AMC loss (λ1·L_mean + λ2·L_max of the default config) and pointing game of the phrase GradCAM on
+  the 256 phrases of the test split (one batch)."""
+  import jax.numpy as jnp
+  import numpy as np
+  from trace_jax.attribution.gradcam import gradcam_grid
+  from trace_jax.data import pipeline
+  from trace_jax.data.sources import load_shapes_split
+  from trace_jax.evaluation import metrics as M
+  from trace_jax.losses.amc import amc_margin_losses
+  src = load_shapes_split(config.data, "test")
+  b = next(pipeline.batches(src, batch_size=len(src), num_epochs=1, shuffle=False, prefetch=0,
+                            tokenizer=pipeline.make_tokenizer(), patch_size=task.cfg.vision.patch_size,
+                            process_index=0, process_count=1))
+  grid = gradcam_grid(task.model, params["clip"], jnp.asarray(b["image"]), jnp.asarray(b["phrase_ids"]))
+  a = config.loss.amc
+  l_mean, l_max = amc_margin_losses(grid, jnp.asarray(b["phrase_box_mask"]), jnp.ones(len(grid)),
+                                    delta1=a.delta1, delta2=a.delta2, mean_pooling=a.mean_pooling)
+  s = config.data.image_size
+  boxes = [np.array([bx[1], bx[0], bx[3], bx[2]], np.float64) for bx in b["phrase_box"]]  # yxyx -> xyxy
+  pg = M.pointing_game(list(np.asarray(grid)), boxes, [(s, s)] * len(boxes), box_format="xyxy")
+  return float(a.lambda1 * l_mean + a.lambda2 * l_max), pg["accuracy"]
+
+
+def test_amc_term_improves_gradcam_grounding_over_contrastive(tmp_path):
+  """In-process, tiny (ViT 2 x 64, 32 px, 4 x 4 patches; 150 steps of batch 16 on 256 embedded
+  examples; ~40 s on 2 cores): the same seed and data trained with ``loss.name='amc'`` and with
+  ``'contrastive'`` (the run without the AMC term). On the test split's 256 phrases the AMC run's GradCAM
+  has the lower AMC loss and the higher pointing game (measured at seed 0: AMC loss 0.52 vs 0.73,
+  pointing game 0.29 vs 0.04; the same setup at seeds 1 and 2 gave 0.52-0.53 vs 0.66-0.76 and
+  0.26-0.27 vs 0.02-0.12).
+
+  Broken variant this catches (checked): the AMC gradient sign flipped in trace_jax/losses/amc.py
+  (``amc_loss`` returning ``2 * stop_gradient(l) - l``: same logged value, so ``l["amc"] >= 0`` in the
+  e2e test still holds, but training then raises the AMC loss).
+  """
+  import jax
+  from configs import common
+  from trace_jax import objectives
+  from trace_jax.data import sources
+  from trace_jax.training import loop
+
+  def run(loss):
+    c = common.get_config()
+    c.seed = 0
+    c.data.name, c.data.image_size, c.data.batch_size, c.data.prefetch = "trace_shapes", 32, 16, 0
+    c.data.data_dir, c.data.split_sizes = str(tmp_path / "data"), AMC_SIZES
+    c.model.preset, c.model.vision_layers, c.model.text_layers = "tiny", 2, 1
+    c.loss.name = loss
+    c.optim.lr, c.optim.warmup_steps = 1e-3, 5
+    c.train.steps, c.train.log_every, c.train.progress = 150, 1000, False
+    c.train.compilation_cache_dir = str(tmp_path.parent / "jax_cache_amc")
+    c.checkpoint.every_steps, c.checkpoint.async_save = 10 ** 6, False
+    source = sources.make(c)
+    task = objectives.make(c, source.info)
+    state = loop.train(c, str(tmp_path / loss), task, source, mesh=loop.mesh_lib.single_device_mesh())
+    return _grounding(c, task, jax.device_get(state.params))
+
+  amc_loss, amc_pg = run("amc")
+  base_loss, base_pg = run("contrastive")
+  assert amc_loss < base_loss - 0.05, (amc_loss, base_loss)
+  assert amc_pg > base_pg + 0.1, (amc_pg, base_pg)

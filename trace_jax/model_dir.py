@@ -1,15 +1,23 @@
-"""A model directory on disk: orbax params + ``config.json`` (+ optional tokenizer files).
+"""The model directory: the one owner of its format (``save`` / ``load``; every caller uses them).
 
     DIR/
       config.json          CLIPConfig.to_json() plus {"format": "trace_jax.model", "source": ...}
-      params/              orbax StandardCheckpointer checkpoint of the float32 params tree
+      params/              orbax StandardCheckpointer checkpoint of the float32 CLIP params tree
       tokenizer/           optional: vocab.json + merges.txt (CLIP BPE) or words.json (word-level)
+      heads.json           optional: {name: JSON metadata} of the extra heads a trained run needs
+      heads/<name>/        orbax params of each head (text compression; TRACE projection W)
 
+    md = load(DIR)         # ModelDir: .config .model .params .tokenizer .heads {name: Head(meta, params)}
+    md.tree()              # {'clip': params, <head name>: head params, ...}
+
+A head's metadata is whatever its objective needs to rebuild it without the training data (the
+text-compression module's sizes; TRACE's loss hyper-parameters and vocabulary with its anchors).
 Loading checks the stored tree against the tree the config's model expects and refuses any
 missing, unexpected or mis-shaped entry with a message that lists them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -120,5 +128,98 @@ def load_model(directory: str) -> tuple[CLIPConfig, dict]:
 
 
 def tokenizer_dir(directory: str) -> str | None:
+  """DIR/tokenizer if present (None otherwise); refuses one holding two kinds of tokenizer files."""
+  from trace_jax.tokenizers import check_one_kind
   d = os.path.join(directory, "tokenizer")
-  return d if os.path.isdir(d) else None
+  if not os.path.isdir(d):
+    return None
+  check_one_kind(d)
+  return d
+
+
+HEADS_JSON = "heads.json"
+
+
+@dataclasses.dataclass
+class Head:
+  """An extra parameter subtree of a trained model (``meta``: JSON; ``params``: NumPy tree)."""
+  meta: dict
+  params: dict
+
+
+@dataclasses.dataclass
+class ModelDir:
+  """A loaded model dir: config, the linen module, float32 CLIP params, tokenizer (or None), heads."""
+  path: str
+  config: CLIPConfig
+  model: Any
+  params: dict
+  tokenizer: Any
+  heads: dict[str, Head]
+
+  @property
+  def desc(self) -> str:
+    return f"model dir {self.path}"
+
+  def tree(self) -> dict:
+    """{'clip': params, <head>: params, ...}: the params tree of the objective that trained it."""
+    return {"clip": self.params, **{k: h.params for k, h in self.heads.items()}}
+
+
+def save(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
+         tokenizer_files: dict[str, str] | None = None, heads: dict[str, dict] | None = None) -> str:
+  """Writes a model dir. ``params``: the CLIP tree, or a training tree ``{'clip': ..., <head>: ...}``
+  whose heads are stored under ``heads/`` with ``heads[name]`` as their metadata (a training-tree
+  subtree without metadata is an error: it could not be rebuilt)."""
+  heads = dict(heads or {})
+  if "clip" in params and isinstance(params["clip"], dict) and "visual" in params["clip"]:
+    extra = {k: v for k, v in params.items() if k != "clip"}
+    params = params["clip"]
+  else:
+    extra = {}
+  if set(extra) != set(heads):
+    raise ValueError(f"heads to save: params have {sorted(extra)}, metadata has {sorted(heads)}")
+  save_model(directory, params, cfg, source=source, tokenizer_files=tokenizer_files)
+  if heads:
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    c = ocp.StandardCheckpointer()
+    for name, tree in extra.items():
+      c.save(os.path.join(directory, "heads", name), jax.tree.map(lambda a: np.asarray(a, np.float32), tree),
+             force=True)
+    c.wait_until_finished()
+    tmp = os.path.join(directory, HEADS_JSON + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(heads, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, HEADS_JSON))
+  return directory
+
+
+def read_heads(directory: str) -> dict[str, Head]:
+  """The heads of a model dir (empty when it has none)."""
+  path = os.path.join(directory, HEADS_JSON)
+  if not os.path.exists(path):
+    return {}
+  import orbax.checkpoint as ocp
+  with open(path) as f:
+    metas = json.load(f)
+  out = {}
+  for name, meta in metas.items():
+    hdir = os.path.join(os.path.abspath(directory), "heads", name)
+    if not os.path.isdir(hdir):
+      raise FileNotFoundError(f"{path} lists head {name!r} but {hdir} is missing")
+    out[name] = Head(meta, jax.tree.map(np.asarray, ocp.StandardCheckpointer().restore(hdir)))
+  return out
+
+
+def load(path: str, *, dtype: str | None = "float32") -> ModelDir:
+  """Everything in a model dir, validated: config (compute dtype ``dtype``; None keeps the stored one),
+  model, params, tokenizer (None if the dir has none) and heads."""
+  from trace_jax.models import build
+  from trace_jax.tokenizers import load_tokenizer
+  path = os.path.abspath(os.path.expanduser(path))
+  cfg, params = load_model(path)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=dtype)
+  tok = load_tokenizer(path) if tokenizer_dir(path) else None
+  return ModelDir(path, cfg, build(cfg), params, tok, read_heads(path))

@@ -23,10 +23,11 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from trace_jax import ops, resize
 from trace_jax.models import l2_normalize, perturbation_zeros
 from trace_jax.models.perturbations import block_path
 
-MINMAX_EPS = 1e-7  # AMC code: (cam - min) / (max(cam - min) + 1e-7), notes/amc-and-local-alignment.md §2
+MINMAX_EPS = ops.MINMAX_EPS  # AMC code: (cam - min) / (max(cam - min) + 1e-7)
 
 
 class Pairing(NamedTuple):
@@ -203,24 +204,17 @@ def to_grid(patch_values: jax.Array, hw: tuple[int, int]) -> jax.Array:
 def minmax(x: jax.Array, axes=(-2, -1), eps: float = MINMAX_EPS) -> jax.Array:
   """Per-sample ``(x - min) / (max - min + eps)`` over ``axes``; a constant map gives 0, not NaN.
 
-  The eps sits in the denominator as in the AMC / LeGrad code, so the result lies in [0, 1).
+  The eps sits in the denominator as in the AMC / LeGrad code, so the result lies in [0, 1)
+  (trace_jax/ops.py ``minmax`` with ``eps``).
   """
-  lo = jnp.min(x, axis=axes, keepdims=True)
-  x = x - lo
-  return x / (jnp.max(x, axis=axes, keepdims=True) + eps)
+  return ops.minmax(x, axis=axes, eps=eps)
 
 
 def upsample(grid: jax.Array, hw: tuple[int, int], method: str = "bilinear") -> jax.Array:
-  """[..., gh, gw] -> [..., H, W]; 'bilinear' = torch ``F.interpolate(bilinear, align_corners=False)``.
-
-  For upsampling jax.image.resize's half-pixel-centre triangle kernel with edge renormalisation equals
-  torch's clamped-coordinate bilinear (tested in tests/test_attribution_methods.py).
+  """[..., gh, gw] -> [..., H, W]; 'bilinear' = torch ``F.interpolate(bilinear, align_corners=False)``
+  (exact matrices), 'bicubic' / 'nearest' = ``jax.image.resize``'s: trace_jax/resize.py ``upsample``.
   """
-  if method not in ("bilinear", "bicubic", "nearest"):
-    raise ValueError(f"unknown upsampling method {method!r}")
-  jm = {"bilinear": "linear", "bicubic": "cubic", "nearest": "nearest"}[method]
-  shape = grid.shape[:-2] + tuple(hw)
-  return jax.image.resize(grid.astype(jnp.float32), shape, method=jm)
+  return resize.upsample(grid.astype(jnp.float32), hw, method)
 
 
 def finish(grid: jax.Array, image_hw: tuple[int, int], *, normalize: bool = True,

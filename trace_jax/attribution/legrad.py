@@ -10,9 +10,9 @@ Closed form (notes/legrad-maskinversion.md, "LeGrad", steps 1-11):
   L2-normalised first, as the README does.
 * ``layers``: LeGrad's ``layer_index`` (start = layer_index if >= 0 else L + layer_index):
   default -2 = the last two blocks, 0 = all blocks; an explicit tuple of block indices also works.
-* ``up_ps`` is torch ``F.interpolate(scale_factor=ps, mode='bilinear')``, which equals
-  ``jax.image.resize(method='linear')`` (note, "Resize equivalences"). Upsampling is linear, so the
-  layer grids are summed first and upsampled once (same result up to rounding).
+* ``up_ps`` is torch ``F.interpolate(scale_factor=ps, mode='bilinear')``: the exact matrices of
+  trace_jax/resize.py (note, "Resize equivalences"). Upsampling is linear, so the layer grids are
+  summed first and upsampled once (same result up to rounding).
 * min-max runs AFTER upsampling (step 10). Difference from theirs: a constant map (e.g. a query
   orthogonal to everything, or all gradients <= 0) gives 0 everywhere instead of NaN.
 * other input sizes: the position embedding is resampled with the model's ``pos_interp='antialias'``
@@ -23,9 +23,11 @@ Gradient w.r.t. the attention probabilities -- block-level recompute, not the mo
 perturbations: LeGrad differentiates each layer's OWN score ``t . z_l`` w.r.t. that layer's
 ``A_l`` only (no contribution of ``z_{l'>l}``), and between ``A_l`` and ``z_l`` lies only block l's
 post-attention path (A.v -> out -> residual -> MLP -> mean -> ln_post -> proj; step 4). So one
-model forward gives each block's input ``x_{l-1}`` and ``A_l``; :func:`block_tail` re-evaluates
-block l's tail as a function of ``A`` (a block-sized forward) and ``jax.vjp`` of it is vmapped over
-the queries: one image forward for any number of prompts, P cheap backwards through one block.
+model forward gives each block's input ``x_{l-1}`` and ``A_l``; :func:`feature_of_attn` re-evaluates
+block l's tail as a function of ``A`` (a block-sized forward, from the functional block pieces of
+trace_jax/models/blocks.py) and ``jax.vjp`` of it is vmapped over the queries: one image forward
+for any number of prompts, P cheap backwards through one block. Hence LeGrad needs a ViT image tower
+(a CRATE tower is refused with a ValueError naming it).
 The same explicit tail lets MaskInversion precompute the query-independent Jacobian
 (trace_jax/inversion/maskinversion.py, 'decomposed' mode).
 """
@@ -38,14 +40,9 @@ import jax
 import jax.numpy as jnp
 
 from trace_jax.models import l2_normalize
-from trace_jax.models.layers import ACTIVATIONS, LayerNorm
-
-_LN = LayerNorm(jnp.float32)
-
-
-def _ln(p, x):
-  """The model's own LayerNorm (eps 1e-5, float32) on params ``p = {'ln': {scale, bias}}``."""
-  return _LN.apply({"params": p}, x)
+from trace_jax.models.blocks import attend, pooled_from_o, require_vit, values, vision_head
+from trace_jax.ops import minmax  # guarded: a constant map gives 0, not NaN
+from trace_jax.resize import upsample_bilinear
 
 
 def resolve_layers(layers, num_layers: int) -> tuple[int, ...]:
@@ -61,39 +58,20 @@ def resolve_layers(layers, num_layers: int) -> tuple[int, ...]:
   return tuple(idx)
 
 
-# ----------------------------------------------------------------------------- block tail
-
-def values(bp, x_prev):
-  """Block l's attention values v [N, heads, hd] from its input x_{l-1} [N, W]."""
-  a = bp["attn"]["value"]
-  u = _ln(bp["ln_1"], x_prev)
-  return jnp.einsum("nw,whe->nhe", u, a["kernel"]) + a["bias"]
-
-
-def pooled_from_o(bp, x_prev, o, act: str):
-  """mean_i x_l[i] [W] from the per-head attention output o = A.v [N, heads, hd].
-
-  x_mid = x_prev + out(o); x_l = x_mid + mlp(ln_2(x_mid)). The token mean is taken before the
-  MLP's output projection (it is affine), so backward passes do that matmul once, not N times.
-  """
-  y = jnp.einsum("ihe,hew->iw", o, bp["attn"]["out"]["kernel"]) + bp["attn"]["out"]["bias"]
-  x_mid = x_prev + y
-  h = _ln(bp["ln_2"], x_mid) @ bp["mlp_fc"]["kernel"] + bp["mlp_fc"]["bias"]
-  a = ACTIVATIONS[act](h)
-  return (jnp.mean(x_mid, 0) + jnp.mean(a, 0) @ bp["mlp_proj"]["kernel"]
-          + bp["mlp_proj"]["bias"])
-
+# ----------------------------------------------------------------------------- layer feature
+# The block pieces (values, attend, pooled_from_o, vision_head) are the model's functional forms,
+# trace_jax/models/blocks.py; ``values`` / ``pooled_from_o`` are re-exported here.
 
 def layer_feature(vp, pooled):
   """z_l = normalize(ln_post(pooled) @ proj) [E] (notes step 2)."""
-  return l2_normalize(_ln(vp["ln_post"], pooled) @ vp["proj"])
+  return l2_normalize(vision_head(vp, pooled))
 
 
-def block_tail(vp, l: int, act: str, x_prev, attn):
-  """z_l [E] as a function of block l's attention probabilities ``attn`` [heads, N, N]."""
+def feature_of_attn(vp, l: int, act: str, x_prev, attn):
+  """z_l [E] as a function of block l's attention probabilities ``attn`` [heads, N, N] (notes step 4):
+  A.v -> out -> residual -> MLP -> token mean -> ln_post -> proj, from the block input x_prev [N, W]."""
   bp = vp["transformer"][f"block_{l}"]
-  v = values(bp, x_prev)
-  o = jnp.einsum("hij,jhe->ihe", attn, v)
+  o = attend(attn, values(bp, x_prev))
   return layer_feature(vp, pooled_from_o(bp, x_prev, o, act))
 
 
@@ -133,7 +111,7 @@ def grids_one_image(model, params, image, queries, layer_ids, pos_interp="antial
   total = 0.0
   for l in layer_ids:
     x_prev, attn = state[l]
-    _, vjp = jax.vjp(functools.partial(block_tail, vp, l, model.cfg.act, x_prev), attn)
+    _, vjp = jax.vjp(functools.partial(feature_of_attn, vp, l, model.cfg.act, x_prev), attn)
     g = jax.vmap(lambda q: vjp(q)[0])(queries)  # [P, heads, N, N]
     total = total + relevance(g)
   return total.reshape(queries.shape[0], gh, gw)
@@ -141,23 +119,10 @@ def grids_one_image(model, params, image, queries, layer_ids, pos_interp="antial
 
 # ----------------------------------------------------------------------------- maps
 
-def upsample(grid, ps: int):
-  """[.., gh, gw] -> [.., gh*ps, gw*ps]; = torch bilinear(scale_factor=ps, align_corners=False)."""
-  *lead, gh, gw = grid.shape
-  return jax.image.resize(grid, (*lead, gh * ps, gw * ps), method="linear")
-
-
-def minmax(x, axes=(-2, -1)):
-  """(x - min) / (max - min) per map; a constant map gives zeros (LeGrad's ``min_max`` gives NaN)."""
-  lo = jnp.min(x, axis=axes, keepdims=True)
-  rng = jnp.max(x, axis=axes, keepdims=True) - lo
-  ok = rng > 0
-  return jnp.where(ok, (x - lo) / jnp.where(ok, rng, 1.0), 0.0)
-
-
 def grid_to_map(grid, ps: int):
-  """Raw summed grid [.., gh, gw] -> LeGrad map [.., gh*ps, gw*ps] in [0, 1] (steps 8-10)."""
-  return minmax(upsample(grid, ps))
+  """Raw summed grid [.., gh, gw] -> LeGrad map [.., gh*ps, gw*ps] in [0, 1] (steps 8-10): torch
+  bilinear upsampling by ps (trace_jax/resize.py), then the guarded min-max (trace_jax/ops.py)."""
+  return minmax(upsample_bilinear(grid, (grid.shape[-2] * ps, grid.shape[-1] * ps)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,9 +155,10 @@ def legrad(model, params, images, queries, *, layers=-2, pos_interp: str = "anti
     dict ``grid`` [P, gh, gw] raw summed relevance, ``map`` [P, gh*ps, gw*ps] min-maxed in [0, 1].
   """
   from trace_jax.attribution.common import as_images, as_query, pairing
+  cfg = model.cfg
+  require_vit(cfg, "LeGrad")
   images = as_images(images)
   queries = as_query(queries)
-  cfg = model.cfg
   if queries.shape[-1] != cfg.embed_dim:
     raise ValueError(f"query vectors have dim {queries.shape[-1]}, the model embeds to {cfg.embed_dim}")
   layer_ids = resolve_layers(layers, cfg.vision.layers)
@@ -209,6 +175,7 @@ def explain(model, params, images, ids=None, *, query=None, layers=-2, pos_inter
   README) or query vectors [T, E] (used as given). See :func:`legrad` for shapes and pairing."""
   if kw:
     raise ValueError(f"legrad: unknown options {sorted(kw)}")
+  require_vit(model.cfg, "LeGrad")
   if (ids is None) == (query is None):
     raise ValueError("give exactly one of `ids` (token ids) or `query` (embedding vectors)")
   if ids is not None:

@@ -29,7 +29,8 @@ Information Bottleneck Attribution", NeurIPS 2023. Every choice below follows th
   code; ``out_size`` changes it), min-max AFTER upsampling (note §6);
 * text map: capacity summed over features for all tokens (SOT and EOT included), min-max (note §6).
   The official usage feeds UNPADDED ids (note §0, §7). Padded ids with ``lengths`` (default: the pooled
-  EOT position + 1) give exactly the unpadded result: the causal mask keeps padding out of the EOT,
+  EOT position + 1) give the unpadded result (to 1e-4 against the unpadded reference run and exact
+  zeros at the padded positions, tests/test_m2ib.py): the causal mask keeps padding out of the EOT,
   and padded positions are excluded from the compression mean and the min-max (they read 0).
 
 Differences from the official code, all deliberate and documented:
@@ -55,7 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from trace_jax.models import CLIPConfig, build
-from trace_jax.models.layers import ACTIVATIONS, LayerNorm, ResidualAttentionBlock
+from trace_jax.models.blocks import block_one_query  # noqa: F401  (re-exported: tests/test_m2ib.py)
+from trace_jax.models.blocks import require_vit, text_head, tower_row, vision_head
+from trace_jax.models.layers import dtype_of
+from trace_jax.ops import minmax as _minmax
 from trace_jax.resize import upsample_bilinear
 
 DEFAULT_LAYER = 9     # eval.py --vlayer 9 --tlayer 9, paper Table 2 (note §1)
@@ -71,21 +75,10 @@ COS_EPS = 1e-6        # nn.CosineSimilarity(eps=1e-6) (note §4)
 # grid -> 224 upsampling is torch bilinear, align_corners=False (notes/m2ib.md §6): trace_jax/resize.py
 
 
-def minmax(x: jax.Array, valid: jax.Array | None = None, axis=-1) -> jax.Array:
-  """(x - min) / (max - min) over ``axis`` (official ``utils.normalize``); constant -> zeros.
-
-  ``valid`` (bool, broadcastable to x) restricts min/max to valid entries; invalid entries read 0.
-  """
-  if valid is None:
-    lo = jnp.min(x, axis=axis, keepdims=True)
-    hi = jnp.max(x, axis=axis, keepdims=True)
-  else:
-    lo = jnp.min(jnp.where(valid, x, jnp.inf), axis=axis, keepdims=True)
-    hi = jnp.max(jnp.where(valid, x, -jnp.inf), axis=axis, keepdims=True)
-  rng = hi - lo
-  ok = rng > 0
-  y = jnp.where(ok, (x - lo) / jnp.where(ok, rng, 1.0), 0.0)
-  return y if valid is None else jnp.where(valid, y, 0.0)
+# (x - min) / (max - min) over ``axis`` (official ``utils.normalize``, note §6), constant -> zeros instead
+# of NaN; ``minmax(x, valid)`` restricts min / max to the valid entries, invalid ones read 0
+# (trace_jax/ops.py, the guarded form). Default axis -1: rows of flattened grids / tokens.
+minmax = functools.partial(_minmax, axis=-1)
 
 
 def cosine(a: jax.Array, b: jax.Array, eps: float = COS_EPS) -> jax.Array:
@@ -130,75 +123,26 @@ def capacity(alpha: jax.Array, x: jax.Array, sigma=None) -> jax.Array:
 # --------------------------------------------------------------------------------------------
 # Tower suffixes: the blocks after the bottleneck and the head, on K noisy copies.
 
-def _blocks(params_tower, cfg_tower, act, dtype, start, stop, x, mask=None):
-  """Blocks ``start .. stop-1`` of a tower (the model's own linen block) on x [.., N, W]."""
-  block = ResidualAttentionBlock(cfg_tower.heads, cfg_tower.mlp_ratio, act, dtype)
-  for i in range(start, stop):
-    x, _ = block.apply({"params": params_tower["transformer"][f"block_{i}"]}, x, mask)
-  return x
-
-
-def block_one_query(p, x, q, *, heads: int, act: str, dtype, causal: bool = False):
-  """Output row ``q`` of one ``ResidualAttentionBlock`` (same params, same numerics): [.., N, W] -> [.., W].
-
-  The pooled embedding reads only the CLS row (vision) or the EOT row (text) of the last block, so
-  that block needs keys/values of all tokens but the query, attention output and MLP of one row
-  only (~1/6 of a full block at ViT-B/16 size). ``causal``: the row attends to tokens <= q.
-  """
-  ln = lambda name, v: LayerNorm(dtype).apply({"params": p[name]}, v)
-  a = p["attn"]
-  cast = lambda w: w.astype(dtype)
-  h = ln("ln_1", x)
-  hd = a["query"]["kernel"].shape[-1]
-  k = jnp.einsum("...nw,whd->...nhd", h, cast(a["key"]["kernel"])) + cast(a["key"]["bias"])
-  v = jnp.einsum("...nw,whd->...nhd", h, cast(a["value"]["kernel"])) + cast(a["value"]["bias"])
-  hq = jnp.take(h, q, axis=-2)
-  qv = (jnp.einsum("...w,whd->...hd", hq, cast(a["query"]["kernel"])) + cast(a["query"]["bias"])) * (hd ** -0.5)
-  logits = jnp.einsum("...hd,...nhd->...hn", qv, k).astype(jnp.float32)
-  if causal:
-    logits = jnp.where(jnp.arange(x.shape[-2]) <= q, logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("...hn,...nhd->...hd", probs.astype(dtype), v)
-  o = jnp.einsum("...hd,hdw->...w", o, cast(a["out"]["kernel"])) + cast(a["out"]["bias"])
-  xq = jnp.take(x, q, axis=-2) + o
-  m = ln("ln_2", xq)
-  m = m @ cast(p["mlp_fc"]["kernel"]) + cast(p["mlp_fc"]["bias"])
-  m = ACTIVATIONS[act](m)
-  m = m @ cast(p["mlp_proj"]["kernel"]) + cast(p["mlp_proj"]["bias"])
-  return xq + m
-
-
-def _tower_row(params_tower, cfg_tower, act, dtype, layer, t, q, causal):
-  """Row q of the tower's final tokens, from the output t [K, N, W] of block ``layer``."""
-  n_layers = cfg_tower.layers
-  if layer == n_layers - 1:  # bottleneck after the last block: only the head remains
-    return jnp.take(t, q, axis=-2)
-  mask = jnp.tril(jnp.ones((t.shape[-2],) * 2, bool)) if causal else None
-  x = _blocks(params_tower, cfg_tower, act, dtype, layer + 1, n_layers - 1, t, mask)
-  p_last = params_tower["transformer"][f"block_{n_layers - 1}"]
-  return block_one_query(p_last, x, q, heads=cfg_tower.heads, act=act, dtype=dtype, causal=causal)
-
+# The blocks after the bottleneck run as the linen block; the last one only for the pooled row
+# (``tower_row`` / ``block_one_query``, the functional block pieces of trace_jax/models/blocks.py).
 
 def _vision_suffix(params, cfg: CLIPConfig, layer: int, t):
   """t [K, N, W] (output of block ``layer``) -> projected CLS embedding [K, E] (un-normalised)."""
-  model = build(cfg)
-  cls = _tower_row(params["visual"], cfg.vision, cfg.act, _dtype(cfg), layer, t, 0, False)
-  return model.apply({"params": params}, cls, method=lambda m, v: m.visual.project(v))
+  dt = _dtype(cfg)
+  cls = tower_row(params["visual"], cfg.vision, cfg.act, dt, layer, t, 0, False)
+  return vision_head(params["visual"], cls, dt)
 
 
 def _text_suffix(params, cfg: CLIPConfig, layer: int, t, eot):
   """t [K, L, W] (output of block ``layer``), eot [] -> projected pooled embedding [K, E]."""
-  model = build(cfg)
+  dt = _dtype(cfg)
   # ln_final is per token: pool first, then normalise (same numbers as the model's order).
-  pooled = _tower_row(params["text"], cfg.text, cfg.act, _dtype(cfg), layer, t, eot, True)
-
-  def head(m, v):
-    return (m.text.ln_final(v) @ m.text.text_projection.astype(m.text.dtype)).astype(jnp.float32)
-  return model.apply({"params": params}, pooled, method=head)
+  pooled = tower_row(params["text"], cfg.text, cfg.act, dt, layer, t, eot, True)
+  return text_head(params["text"], pooled, dt)
 
 
 def _dtype(cfg):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[cfg.dtype]
+  return dtype_of(cfg.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,10 +329,10 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
     raise ValueError("M2IB needs text token ids (it attributes the text tokens and puts a bottleneck "
                      "in the text tower); it cannot take query embedding vectors")
   cfg = model.cfg if hasattr(model, "cfg") else model
-  if cfg.vision.kind != "vit":
-    raise ValueError(f"M2IB is implemented for ViT image towers; got vision kind {cfg.vision.kind!r}")
   if modality not in ("both", "image", "text"):
     raise ValueError(f"modality must be 'both', 'image' or 'text'; got {modality!r}")
+  if modality != "text":  # the text bottleneck needs only the image embedding: any image tower
+    require_vit(cfg, "M2IB", "modality='text' (the text map alone) works with any image tower")
   text_layer = layer if text_layer is None else text_layer
   _check_layer("layer", layer, cfg.vision.layers)
   _check_layer("text_layer", text_layer, cfg.text.layers)

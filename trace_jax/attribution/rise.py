@@ -8,7 +8,7 @@ smooth masks M_i [H, W] in [0, 1]. Saliency of a pair with score function f:
 
 f = cos(image embedding of the masked image, text embedding). The mask multiplies the already
 normalised image tensor, as their code does (``torch.mul(masks, x)``). Upsampling here is the
-half-pixel bilinear of ``jax.image.resize`` (edge-clamped) instead of skimage's ``resize(order=1,
+half-pixel, edge-clamped torch bilinear of trace_jax/resize.py instead of skimage's ``resize(order=1,
 mode='reflect')`` — a different random-mask family of the same kind, not a different method.
 Forwards are batched: ``lax.map`` over chunks of ``batch_size`` masks, each chunk ``vmap``-ed; for one
 image + P prompts the N masked forwards are shared by all prompts.
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from trace_jax.attribution import common
 from trace_jax.attribution.saliency import pool_to_grid
 from trace_jax.models import l2_normalize
+from trace_jax.resize import upsample_bilinear
 
 
 def generate_masks(key, num_masks: int, image_hw: tuple[int, int], s: int = 8, p: float = 0.5) -> jax.Array:
@@ -33,7 +34,7 @@ def generate_masks(key, num_masks: int, image_hw: tuple[int, int], s: int = 8, p
   ch, cw = math.ceil(H / s), math.ceil(W / s)
   kg, kx, ky = jax.random.split(key, 3)
   grid = jax.random.bernoulli(kg, p, (num_masks, s, s)).astype(jnp.float32)
-  up = jax.image.resize(grid, (num_masks, (s + 1) * ch, (s + 1) * cw), method="linear")
+  up = upsample_bilinear(grid, ((s + 1) * ch, (s + 1) * cw))
   up = jnp.clip(up, 0.0, 1.0)  # float rounding of the resize weights gives 1 + 2e-7
   dx = jax.random.randint(kx, (num_masks,), 0, ch)
   dy = jax.random.randint(ky, (num_masks,), 0, cw)

@@ -1,8 +1,9 @@
 """Shared helpers of the weight converters: reading state dicts, checking source keys, layout maps.
 
 A *state dict* here is ``{source_key: float32 np.ndarray}``. safetensors files are read with
-``safetensors.numpy`` (no torch); torch is imported lazily and only for ``.pt`` / ``.pth`` /
-``.bin`` files (notes/checkpoint-formats.md).
+``safetensors.numpy`` and TorchScript archives with ``torchscript.py`` (no torch, no code from the
+file runs); torch is imported lazily and only for pickled ``.pt`` / ``.pth`` / ``.bin`` state dicts,
+loaded ``weights_only`` (notes/checkpoint-formats.md).
 """
 from __future__ import annotations
 
@@ -30,11 +31,14 @@ def _to_f32(a) -> np.ndarray:
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
   """{key: float32 array} of a .safetensors file, without torch."""
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
   out = {}
-  with safe_open(path, framework="numpy") as f:
-    for k in f.keys():
-      out[k] = _to_f32(f.get_tensor(k))
+  try:
+    with safe_open(path, framework="numpy") as f:
+      for k in f.keys():
+        out[k] = _to_f32(f.get_tensor(k))
+  except SafetensorError as e:  # truncated / corrupt file: a ValueError naming it, as the other readers
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
   return out
 
 
@@ -49,42 +53,80 @@ def _torch_to_numpy(sd) -> dict[str, np.ndarray]:
   return out
 
 
-def load_torch(path: str) -> dict[str, np.ndarray]:
-  """{key: float32 array} of a TorchScript archive (``torch.jit.load(...).state_dict()``, OpenAI's
-  ``clip.load`` files) or a pickled state dict (``torch.load``; ``{'state_dict': ...}`` wrappers and
-  DataParallel ``module.`` prefixes are unwrapped). fp16 / bf16 -> float32."""
-  try:
-    import torch
-  except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"reading {path} needs torch (only .safetensors files load without it)") from e
-  sd = None
-  try:
-    sd = torch.jit.load(path, map_location="cpu").state_dict()
-  except Exception:  # not a TorchScript archive: a plain pickled state dict
-    pass
-  if sd is None:
+def load_torch(path: str, *, trust_torchscript: bool = False) -> dict[str, np.ndarray]:
+  """{key: float32 array} of a TorchScript archive (OpenAI's ``clip.load`` files) or a pickled state
+  dict (``{'state_dict': ...}`` wrappers and DataParallel ``module.`` prefixes are unwrapped).
+  fp16 / bf16 -> float32.
+
+  Nothing in the file runs: TorchScript archives are read by ``torchscript.read_state_dict``
+  (restricted unpickler, no torch needed), pickles by ``torch.load(weights_only=True)``. Only
+  ``trust_torchscript=True`` (``--trust-torchscript``) opens an archive with ``torch.jit.load``,
+  which runs code from it.
+  """
+  from trace_jax.convert import torchscript
+  if torchscript.is_torchscript(path):
+    if not trust_torchscript:
+      return {k: _to_f32(v) for k, v in torchscript.read_state_dict(path).items()}
+    torch = _import_torch(path)
     try:
-      sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-      raise ValueError(f"{path}: neither a TorchScript archive nor a torch state dict ({e})") from e
-    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
-      sd = sd["state_dict"]
-    if not isinstance(sd, Mapping):
-      raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(sd).__name__}")
+      return _torch_to_numpy(torch.jit.load(path, map_location="cpu").state_dict())
+    except RuntimeError as e:
+      raise ValueError(f"{path}: torch.jit.load failed ({_first_line(e)})") from e
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip, or a legacy pickle
+    raise ValueError(f"{path}: not a torch checkpoint (neither a zip archive nor a pickle)")
+  torch = _import_torch(path)
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # noqa: BLE001 - every failure here means the file is bad; said in one line
+    raise ValueError(_torch_load_refusal(path, e)) from None
+  if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+    sd = sd["state_dict"]
+  if not isinstance(sd, Mapping):
+    raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(sd).__name__}")
   sd = dict(sd)
   if sd and all(k.startswith("module.") for k in sd):
     sd = {k[len("module."):]: v for k, v in sd.items()}
   return _torch_to_numpy(sd)
 
 
-def load_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Dispatch on the file name: .safetensors -> numpy reader, torch formats -> torch."""
+def _import_torch(path: str):
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"reading {path} needs torch (only .safetensors files and TorchScript archives "
+                      f"load without it)") from e
+  return torch
+
+
+def _first_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _torch_load_refusal(path: str, e: BaseException) -> str:
+  """The reason ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry
+  with ``weights_only=False`` (that would run code from the file)."""
+  text = str(e)
+  m = re.search(r"GLOBAL ([\w.]+)", text)
+  if m:
+    return (f"{path}: refusing to load: its pickle asks for the global {m.group(1)}, which is neither a "
+            f"tensor nor a plain container (loading it could run code from the file)")
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()
+           and not re.search(r"weights_only|weights only|trusted source|documentation", ln, re.I)]
+  reason = lines[0] if lines else type(e).__name__
+  reason = reason.removeprefix("WeightsUnpickler error: ").split(". ")[0]  # torch's advice follows
+  return f"{path}: not a readable torch state dict ({type(e).__name__}: {reason})"
+
+
+def load_state_dict(path: str, *, trust_torchscript: bool = False) -> dict[str, np.ndarray]:
+  """Dispatch on the file name: .safetensors -> numpy reader, torch formats -> ``load_torch``."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file {path} does not exist")
   if path.endswith(".safetensors"):
     return load_safetensors(path)
   if path.endswith(TORCH_SUFFIXES):
-    return load_torch(path)
+    return load_torch(path, trust_torchscript=trust_torchscript)
   raise ValueError(f"{path}: unknown checkpoint file type; expected .safetensors, .pt, .pth or .bin")
 
 

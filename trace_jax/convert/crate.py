@@ -209,19 +209,13 @@ def load_classifier(directory: str) -> tuple[CrateConfig, dict]:
 
 
 def convert(src: str, dst: str, *, model_name: str | None = None, heads: int | None = None,
-            pool: str = "cls") -> tuple[CrateConfig, dict]:
+            pool: str = "cls", eta: float = 0.1, lambd: float = 0.1) -> tuple[CrateConfig, dict]:
+  """A CRATE classifier checkpoint -> a classifier dir. η (the ISTA step size), λ, the heads and the
+  pooling are not stored in the weights (notes/crate.md): give them when they differ from the official
+  factory defaults (η = λ = 0.1, cls pooling); a checkpoint trained with ista=0.05 converted with
+  η = 0.1 computes different layer outputs."""
   sd = load_state_dict(src)
-  cfg = config_from_state_dict(sd, model_name=model_name, heads=heads, pool=pool)
+  cfg = config_from_state_dict(sd, model_name=model_name, heads=heads, pool=pool, eta=eta, lambd=lambd)
   params = params_from_state_dict(sd, cfg)
   save_classifier(dst, params, cfg, source=f"crate:{os.path.basename(src)}")
   return cfg, params
-
-
-def convert_cli(args) -> int:
-  """Entry of ``trace-jax convert --from crate SRC DST [--model-name crate-s] [--heads H]``."""
-  cfg, params = convert(args.src, args.dst, model_name=getattr(args, "model_name", None),
-                        heads=getattr(args, "heads", None), pool=getattr(args, "pool", None) or "cls")
-  n = sum(int(np.prod(np.shape(v))) for v in flatten(params).values())
-  print(f"wrote {args.dst}: CRATE dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}x{cfg.dim_head}, "
-        f"patch {cfg.patch_size}, image {cfg.image_size}, {cfg.num_classes} classes, {n:,} parameters")
-  return 0

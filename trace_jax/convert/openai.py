@@ -118,10 +118,13 @@ def params_from_state_dict(sd: Mapping[str, np.ndarray], cfg: CLIPConfig, what: 
   return common.finalize(params, cfg, what)
 
 
-def load_openai(path: str) -> tuple[CLIPConfig, dict]:
+def load_openai(path: str, *, trust_torchscript: bool = False) -> tuple[CLIPConfig, dict]:
   """(config, params) of an OpenAI CLIP file: TorchScript ``.pt`` archive (``clip.load`` downloads),
-  a pickled state dict, or a ``.safetensors`` state dict. fp16 weights become float32."""
-  sd = common.load_state_dict(path)
+  a pickled state dict, or a ``.safetensors`` state dict. fp16 weights become float32.
+
+  The archive's tensors are read without running its code (``common.load_torch``);
+  ``trust_torchscript=True`` uses ``torch.jit.load`` instead, which runs code from the archive."""
+  sd = common.load_state_dict(path, trust_torchscript=trust_torchscript)
   cfg = config_from_state_dict(sd)
   return cfg, params_from_state_dict(sd, cfg, what=f"OpenAI CLIP checkpoint {path}")
 

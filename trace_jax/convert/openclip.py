@@ -113,7 +113,7 @@ def named_config(name: str) -> CLIPConfig:
   mc = packaged_model_cfg(name)
   if mc is not None:
     return config_from_model_cfg(mc)
-  from trace_jax.models.config import NAMED
+  from trace_jax.models.presets import NAMED
   base = name[:-len("-quickgelu")] if name.endswith("-quickgelu") else name
   if base not in NAMED:
     raise ValueError(f"unknown open_clip model name {name!r} (open_clip is not installed, so only "

@@ -10,7 +10,7 @@ Batch dict (B = per-host batch, S = image size, L = context length, G = S / patc
   caption_ids      int32   [B, L]        WordTokenizer ids (pad 0, unk 1, sot, words..., eot)
   token_masks      float32 [B, L, G, G]  fraction of each patch covered by the pixels token l names
                                          (row position l = caption word l - 1; 0 where it names nothing)
-  token_kind       int32   [B, L]        render.WORD_KINDS index of the word at l; -1 for sot/eot/pad
+  token_kind       int32   [B, L]        scene.WORD_KINDS index of the word at l; -1 for sot/eot/pad
   token_object     int32   [B, L]        object index the word describes, -1 if none
   token_label      int32   [B, L]        label id (concepts.json `fine`) of what the word names, -1 if none
   phrase_ids       int32   [B, L]        one phrase per image (a unique referring expression by default)
@@ -33,12 +33,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from trace_jax.data.shapes import render
+from trace_jax.boxes import boxes_to_masks
+from trace_jax.data.preprocess import CLIP_MEAN, CLIP_STD, as_str  # noqa: F401 - CLIP_* re-exported
+from trace_jax.data.shapes import scene
+from trace_jax.data.shapes.concepts import CONCEPTS_PATH, load_concepts
 
 DATASET_NAME = 'trace_shapes'
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# The longest caption has render.MAX_CAPTION_WORDS = 33 words; + sot + eot = 35.
+# The longest caption has scene.MAX_CAPTION_WORDS = 33 words; + sot + eot = 35.
 DEFAULT_CONTEXT_LENGTH = 36
 PHRASE_SOURCES = ('refexp', 'phrase')
 
@@ -47,13 +48,13 @@ PHRASE_SOURCES = ('refexp', 'phrase')
 # Vocabulary and tokenizer (fixed data, from concepts.json)
 
 
-def vocabulary(concepts_path: str = render.CONCEPTS_PATH, *, include_open_vocab: bool = True) -> list[str]:
+def vocabulary(concepts_path: str = CONCEPTS_PATH, *, include_open_vocab: bool = True) -> list[str]:
   """Every word the generator can write, in a fixed order from concepts.json: function words,
   colors, sizes, textures, coarse concepts, fine concepts (things then stuff).
 
   include_open_vocab=False leaves out the open-vocabulary words (they then tokenize to unk 1).
   """
-  c = render.load_concepts(concepts_path)
+  c = load_concepts(concepts_path)
   fine = [n for i, n in enumerate(c.fine_names) if include_open_vocab or i not in c.open_vocab]
   words = list(c.function_words) + list(c.color_names) + list(c.sizes) + list(c.textures) + list(
       c.coarse_names) + fine
@@ -61,19 +62,19 @@ def vocabulary(concepts_path: str = render.CONCEPTS_PATH, *, include_open_vocab:
 
 
 def make_tokenizer(context_length: int = DEFAULT_CONTEXT_LENGTH, *, include_open_vocab: bool = True,
-                   concepts_path: str = render.CONCEPTS_PATH):
+                   concepts_path: str = CONCEPTS_PATH):
   """WordTokenizer over `vocabulary(...)` (vocab_size = len(words) + 4)."""
   from trace_jax.tokenizers.word import WordTokenizer
   return WordTokenizer(vocabulary(concepts_path, include_open_vocab=include_open_vocab), context_length)
 
 
-def token_concepts(tokenizer, concepts_path: str = render.CONCEPTS_PATH) -> dict[str, np.ndarray]:
+def token_concepts(tokenizer, concepts_path: str = CONCEPTS_PATH) -> dict[str, np.ndarray]:
   """The hierarchy per token id (for concept-level methods such as TRACE).
 
   Returns int32 arrays [vocab_size]: 'fine' = label id (concepts.json `fine`) the token's word names,
   -1 otherwise; 'coarse' = coarse id the word names, or the coarse parent of a fine word, -1 otherwise.
   """
-  c = render.load_concepts(concepts_path)
+  c = load_concepts(concepts_path)
   fine = np.full(tokenizer.vocab_size, -1, np.int32)
   coarse = np.full(tokenizer.vocab_size, -1, np.int32)
   for i, name in enumerate(c.fine_names):
@@ -105,8 +106,8 @@ def load_split(name: str = DATASET_NAME, data_dir: str | None = None, image_size
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=build)
     return InMemorySource(src) if in_memory else src
   from trace_jax.data.shapes import builder as shapes_builder
-  if split not in render.SPLITS:
-    raise ValueError(f'unknown split {split!r} of {name}; expected one of {render.SPLITS}')
+  if split not in scene.SPLITS:
+    raise ValueError(f'unknown split {split!r} of {name}; expected one of {scene.SPLITS}')
   b = shapes_builder.make_builder(image_size, data_dir, **builder_kwargs)
   if build:
     b.download_and_prepare(file_format='array_record')
@@ -143,8 +144,7 @@ def _read(source, indices: Sequence[int]) -> list[dict]:
   return [source[i] for i in indices]
 
 
-def _str(x) -> str:
-  return x.decode() if isinstance(x, bytes) else str(x)
+_str = as_str
 
 
 def example_phrases(example: dict, source: str = 'refexp') -> list[tuple[str, int]]:
@@ -158,7 +158,7 @@ def example_phrases(example: dict, source: str = 'refexp') -> list[tuple[str, in
   raise ValueError(f'phrase source must be one of {PHRASE_SOURCES}, got {source!r}')
 
 
-word_masks = render.word_masks  # bool [W, S, S] per caption word of one example
+word_masks = scene.word_masks  # bool [W, S, S] per caption word of one example
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def make_batch(examples: Sequence[dict], *, tokenizer, patch_size: int = 8, phra
     stuff = np.asarray(e['word_stuff'])[:w]
     fine = np.asarray(e['objects']['fine'])
     # Patch coverage of each distinct referent (objects, then stuff labels, then nothing), then
-    # gathered per word: the same masks as render.word_masks, pooled once per referent.
+    # gathered per word: the same masks as scene.word_masks, pooled once per referent.
     labels = np.unique(stuff[stuff >= 0])
     inst, sem = np.asarray(e['instance']), np.asarray(e['semantic'])
     regions = np.concatenate([inst[None] == np.arange(1, len(fine) + 1)[:, None, None],
@@ -271,7 +271,8 @@ def make_batch(examples: Sequence[dict], *, tokenizer, patch_size: int = 8, phra
     box = np.asarray(e['objects']['box'])[k]
     out['phrase_object'][i] = k
     out['phrase_box'][i] = box
-    out['phrase_box_mask'][i, box[0]:box[2], box[1]:box[3]] = 1.0
+    # AMC's box mask rule (int() slices, notes/amc-and-local-alignment.md §4; trace_jax/boxes.py)
+    out['phrase_box_mask'][i] = boxes_to_masks(box, (s, s), rule='truncate', box_format='yxyx')[0]
     out['phrase_heldout'][i] = bool(np.asarray(e['objects']['heldout'])[k])
   out['phrase_ids'] = tokenizer(phrases)
   out['phrase_mask'] = (out['instance'] == (out['phrase_object'][:, None, None] + 1)).astype(np.float32)

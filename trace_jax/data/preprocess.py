@@ -14,8 +14,10 @@ from typing import Sequence
 import numpy as np
 
 # OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / STD, HF CLIPImageProcessor).
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MEAN = np.array(CLIP_MEAN, np.float32)
+STD = np.array(CLIP_STD, np.float32)
 MODES = ("crop", "squash")
 
 
@@ -57,3 +59,8 @@ def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarr
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot read image {p}: {e}") from e
   return normalize(np.stack(out))
+
+
+def as_str(x) -> str:
+  """A tfds text feature (bytes, UTF-8) or any value -> str."""
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)

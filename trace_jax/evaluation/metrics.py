@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from trace_jax.models.posemb import torch_bicubic_matrix
+from trace_jax.boxes import boxes_to_masks
+from trace_jax.resize import torch_bicubic_matrix
 
 
 def _nanmean(x) -> float:
@@ -217,17 +218,14 @@ def boxes_to_mask(boxes, size_hw: tuple[int, int], box_format: str = "xywh") -> 
 
   (end-exclusive integer slices, as the AMC box masks ``gt_mask[y1:y2, x1:x2] = 1``); clipped to the image.
   """
+  if box_format not in ("xywh", "xyxy"):
+    raise ValueError(f"box_format must be 'xywh' or 'xyxy'; got {box_format!r}")
   h, w = int(size_hw[0]), int(size_hw[1])
-  m = np.zeros((h, w), bool)
-  for b in _as_boxes(boxes) if len(np.asarray(boxes).reshape(-1)) else []:
-    if box_format == "xywh":
-      x1, y1, x2, y2 = b[0], b[1], b[0] + b[2], b[1] + b[3]
-    elif box_format == "xyxy":
-      x1, y1, x2, y2 = b
-    else:
-      raise ValueError(f"box_format must be 'xywh' or 'xyxy'; got {box_format!r}")
-    m[max(int(y1), 0):max(int(y2), 0), max(int(x1), 0):max(int(x2), 0)] = True
-  return m
+  if not len(np.asarray(boxes).reshape(-1)):
+    return np.zeros((h, w), bool)
+  # AMC's int() rule (notes/amc-and-local-alignment.md §4, trace_jax/boxes.py); M2IB's repository has
+  # no localisation code (notes/m2ib.md), so its ground truth uses the same rule.
+  return boxes_to_masks(_as_boxes(boxes), (h, w), rule="truncate", box_format=box_format).any(axis=0)
 
 
 def localization(heatmaps, gt_masks, threshold: float = 0.75, percentile: bool = False) -> dict:

@@ -320,7 +320,7 @@ def evaluate_region_retrieval(model, params, tokenizer, source, method='maskinve
     'n'}} (only the requested tasks).
   """
   from trace_jax.data import pipeline
-  from trace_jax.data.shapes import render
+  from trace_jax.data.shapes.concepts import load_concepts
   tasks = tuple(tasks)
   bad = set(tasks) - {'class', 'refexp'}
   if bad or not tasks:
@@ -337,7 +337,7 @@ def evaluate_region_retrieval(model, params, tokenizer, source, method='maskinve
   label_index = None
   if 'class' in tasks:
     if class_names is None:
-      c = render.load_concepts()
+      c = load_concepts()
       things = c.things
       class_names = [c.fine_names[i] for i in things]
       label_index = {lab: j for j, lab in enumerate(things)}

@@ -27,7 +27,9 @@ The baselines (maskinversion.md §4.2 and App. G, table 7):
 * **FGVP blur reverse mask** (Yang et al. 2024) -- "heavily blur the background": FGVP's
   'blur_mask' = PIL ``ImageFilter.GaussianBlur(blur_std_dev=100)`` of the whole image with the
   original pasted back inside the mask: :func:`fgvp_blur_reverse_mask`, with PIL's Gaussian (three
-  passes of an extended box blur, edge pixels repeated) reproduced exactly as a linear operator.
+  passes of an extended box blur, edge pixels repeated) reproduced as a linear operator; Pillow rounds
+  to uint8 after each pass and the operator does not, so they differ by <= 2 grey levels
+  (tests/test_retrieval.py ``test_pil_gaussian_blur_matches_pillow``).
 """
 from __future__ import annotations
 
@@ -39,8 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # = data.pipeline.CLIP_MEAN (pixel space)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from trace_jax.data.preprocess import CLIP_MEAN, CLIP_STD  # noqa: E402 - pixel space, the one copy
 RED = (1.0, 0.0, 0.0)                # FGVP str2rgb('red') = (255, 0, 0)
 FGVP_THICKNESS = 2.0                 # FGVP main.py --thickness 2
 FGVP_BLUR_STD = 100.0                # FGVP main.py --blur_std_dev 100

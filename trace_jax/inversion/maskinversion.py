@@ -4,8 +4,12 @@ Per image (notes/legrad-maskinversion.md, "MaskInversion", steps 1-9):
 
 1. ONE image forward (theirs runs the ViT on K copies): z0 = un-normalised final CLS embedding.
 2. LET_k <- z0 for every mask k (a query vector that replaces the text in LeGrad's score).
-3. AdamW(lr, betas (0.9, 0.999), eps 1e-8, wd), torch defaults; optax.adamw places eps outside the
-   sqrt of the bias-corrected second moment and decays decoupled (p <- p - lr*(u + wd*p)), as torch.
+3. AdamW(lr, betas (0.9, 0.999), eps 1e-8, wd), torch defaults, as torch's single-tensor AdamW
+   computes it (``torch_adamw_step``): p <- p (1 - lr wd); m, v updated; p <- p + (-s m) / (sqrt(v) /
+   sqrt(1 - b2^t) + eps), with s = lr / (1 - b1^t), 1 - lr wd and sqrt(1 - b2^t) in float64 on the
+   host, as torch computes them in Python floats (``adamw_schedule``). ``optax.adamw`` rounds them in
+   float32 and divides in another order; against the official run that moved the LETs by up to
+   2.5e-4 of max|LET|, the torch order by at most 1.1e-5 (docs/maskinversion.md, "Optimizer").
 4. each step: q = normalize(LET); E = LeGrad(q) over blocks >= start (default: last only, layer_index
    -1), i.e. minmax(up_ps(grid)); E -> bilinear (no antialias) to the mask size; loss =
    mean_k dice_k + alpha * mean_k (1 - cos(z0, LET_k)), dice = 1 - (2 sum E m + 1)/(sum E + sum m + 1).
@@ -18,7 +22,9 @@ per bucket; padded rows get loss weight 0 and the real rows weight 1/K_real (K_r
 official mean over the real K puts a 1/K factor on every gradient, which Adam removes except inside
 eps, so the mean over the real K is what reproduces their numbers.
 
-The dice loss at mask resolution is evaluated on the patch grid, exactly: resize-to-mask (Mh, Mw)
+The dice loss at mask resolution is evaluated on the patch grid by an identity, not an approximation
+(in float32 the loss equals theirs to 1e-5 at each of their iterates, tests/test_maskinversion.py):
+resize-to-mask (Mh, Mw)
 and upsampling (Uh, Uw) are linear with rows summing to 1, so with up = Uh g Uw^T,
 lo/hi = min/max(up), C = M U:  E_m = (Ch g Cw^T - lo) / (hi - lo), hence
 sum E_m m = (<g, Ch^T m Cw> - lo sum m)/(hi - lo) and sum E_m = (<g, Ch^T 1 1^T Cw> - lo Hm Wm)/(hi - lo).
@@ -26,7 +32,8 @@ The mask is projected to the grid once; each step touches only the grid and the 
 
 Two modes give the same LETs (docs/maskinversion.md):
 
-* ``'exact'``: the LeGrad gradient is ``jax.vjp`` of the block tail (trace_jax/attribution/legrad.py)
+* ``'exact'``: the LeGrad gradient is ``jax.vjp`` of the block tail (``legrad.feature_of_attn``, built
+  from the functional ViT block pieces of trace_jax/models/blocks.py)
   and the loss is differentiated through it (second order through the vjp; JAX transposes the
   linear backward, so a step costs about two block backwards per mask).
 * ``'decomposed'`` (paper §3.3, Eq. 6): what does not depend on the LET is computed once per image.
@@ -47,10 +54,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-
 from trace_jax.attribution import legrad as lg
+from trace_jax.attribution.m2ib import ADAM_B1, ADAM_B2, ADAM_EPS, adam_tables
+from trace_jax.boxes import boxes_to_masks
 from trace_jax.models import build, l2_normalize
+from trace_jax.models.blocks import attend, pooled_from_o, require_vit, values
 from trace_jax.resize import torch_bilinear_matrix
 
 DEFAULT_LAYER_INDEX = -1  # MaskInversion.__init__(layer_index=-1): last block only
@@ -107,7 +115,7 @@ def exact_grid_fn(model, params, state, layer_ids, grid_hw):
   vjps = []
   for l in layer_ids:
     x_prev, attn = state[l]
-    _, vjp = jax.vjp(functools.partial(lg.block_tail, vp, l, model.cfg.act, x_prev), attn)
+    _, vjp = jax.vjp(functools.partial(lg.feature_of_attn, vp, l, model.cfg.act, x_prev), attn)
     vjps.append(vjp)
 
   def grid_fn(q):
@@ -138,9 +146,9 @@ def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | No
   for l in layer_ids:
     bp = vp["transformer"][f"block_{l}"]
     x_prev, attn = state[l]
-    v = lg.values(bp, x_prev)                    # [N, h, e]
-    o = jnp.einsum("hij,jhe->ihe", attn, v)      # [N, h, e]
-    f = lambda o_, bp=bp, x_prev=x_prev: lg.layer_feature(vp, lg.pooled_from_o(bp, x_prev, o_, act))
+    v = values(bp, x_prev)                       # [N, h, e]
+    o = attend(attn, v)                          # [N, h, e]
+    f = lambda o_, bp=bp, x_prev=x_prev: lg.layer_feature(vp, pooled_from_o(bp, x_prev, o_, act))
     _, vjp = jax.vjp(f, o)
     c = chunk or jacobian_chunk(d, o.shape[0], width, mlp)
     g_o = jax.lax.map(lambda e: vjp(e)[0], jnp.eye(d, dtype=jnp.float32), batch_size=c)  # [D, N, h, e]
@@ -201,13 +209,35 @@ def objective(model, params, image, masks, weights, alpha, *, layer_ids, mode,
   return loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum)
 
 
-def invert_one(model, params, image, masks, weights, lr, alpha, wd, *, layer_ids, steps, mode,
-               pos_interp="antialias", chunk=None):
+def adamw_schedule(lr: float, wd: float, steps: int) -> tuple[np.ndarray, np.ndarray]:
+  """torch AdamW's per-step scalars, in float64 like torch's Python floats, then float32 as torch casts
+  them for a float32 parameter: (step sizes lr / (1 - b1^t) [steps], decay factor 1 - lr wd [])."""
+  t = np.arange(1, int(steps) + 1, dtype=np.float64)
+  return (np.asarray(float(lr) / (1.0 - ADAM_B1 ** t), np.float32),
+          np.asarray(1.0 - float(lr) * float(wd), np.float32))
+
+
+def torch_adamw_step(p, m, v, g, step_size, decay, bc2_sqrt):
+  """One ``torch.optim.AdamW`` step (single-tensor path, amsgrad off), same op order and scalars:
+  ``p.mul_(decay)``; ``m.lerp_(g, 1 - b1)``; ``v.mul_(b2).addcmul_(g, g, 1 - b2)``;
+  ``denom = v.sqrt() / bc2_sqrt + eps``; ``p.addcdiv_(m, denom, value=-step_size)``. Equal to torch's
+  step to about 1 ulp, not bit for bit: XLA:CPU divides by a broadcast scalar as a multiplication by
+  its reciprocal and fuses multiply-adds (tests/test_maskinversion.py::test_adamw_step_matches_torch)."""
+  p = p * decay
+  m = m + (1.0 - ADAM_B1) * (g - m)
+  v = v * ADAM_B2 + (1.0 - ADAM_B2) * g * g
+  denom = jnp.sqrt(v) / bc2_sqrt + ADAM_EPS
+  return p + (-step_size * m) / denom, m, v
+
+
+def invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, *, layer_ids, steps,
+               mode, pos_interp="antialias", chunk=None):
   """MaskInversion of K (padded) masks on one image; pure and jit-able.
 
   Args:
     image [H, W, 3]; masks [K, Hm, Wm] in [0, 1]; weights [K] loss weight per mask (1/K_real for
-    real masks, 0 for padding); lr, alpha, wd scalars (traced).
+    real masks, 0 for padding); step_sizes [steps], decay [] from ``adamw_schedule(lr, wd, steps)``
+    and alpha [] (all traced: no recompilation per lr / wd / alpha).
   Returns dict: lets [K, E] (un-normalised), z0 [E], grid [K, gh, gw] / map [K, Hm, Wm] of the
     returned LETs, pre_grid / pre_map of the LETs before the last step (theirs), losses [steps]
     (total), dice [steps] and reg [steps] (weighted means), dice0 [K] / dice_final [K] per mask.
@@ -216,17 +246,20 @@ def invert_one(model, params, image, masks, weights, lr, alpha, wd, *, layer_ids
       model, params, image, masks, weights, alpha, layer_ids=layer_ids, mode=mode,
       pos_interp=pos_interp, chunk=chunk)
 
-  opt = optax.adamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=wd)
   lets0 = jnp.broadcast_to(z0, (masks.shape[0], z0.shape[-1]))
+  # torch.optim.AdamW (single-tensor path): decoupled decay first, then the Adam step with torch's
+  # float64 bias corrections (notes/legrad-maskinversion.md, MaskInversion step 3; docs/maskinversion.md).
+  bc2_sqrt = jnp.asarray(adam_tables(steps)[1])  # sqrt(1 - b2^t), float64-exact (as M2IB)
 
-  def step(carry, _):
-    lets, opt_state, _ = carry
+  def step(carry, per_step):
+    lets, m, v, _ = carry
     (loss, (d, r, _, _)), g = jax.value_and_grad(loss_fn, has_aux=True)(lets)
-    upd, opt_state = opt.update(g, opt_state, lets)
-    return (optax.apply_updates(lets, upd), opt_state, lets), (loss, d, r)
+    new, m, v = torch_adamw_step(lets, m, v, g, per_step[0], decay, per_step[1])
+    return (new, m, v, lets), (loss, d, r)
 
-  (lets, _, prev), (losses, dices, regs) = jax.lax.scan(
-      step, (lets0, opt.init(lets0), lets0), None, length=steps)
+  zeros = jnp.zeros_like(lets0)
+  (lets, _, _, prev), (losses, dices, regs) = jax.lax.scan(
+      step, (lets0, zeros, zeros, lets0), (step_sizes, bc2_sqrt), length=steps)
 
   # Maps of the returned LETs, of the LETs before the last step (theirs) and of z0, in one pass.
   k = masks.shape[0]
@@ -240,13 +273,19 @@ def invert_one(model, params, image, masks, weights, lr, alpha, wd, *, layer_ids
           "dice_final": dice[:k]}
 
 
+def hyper_args(lr: float, alpha: float, wd: float, steps: int) -> list:
+  """The traced hyper-parameters of the compiled program: [step sizes [steps], alpha, decay]."""
+  step_sizes, decay = adamw_schedule(lr, wd, steps)
+  return [jnp.asarray(step_sizes), jnp.float32(alpha), jnp.asarray(decay)]
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(cfg, layer_ids, steps, mode, pos_interp, chunk):
   model = build(cfg)
 
-  def one(params, image, masks, weights, lr, alpha, wd):
-    return invert_one(model, params, image, masks, weights, lr, alpha, wd, layer_ids=layer_ids,
-                      steps=steps, mode=mode, pos_interp=pos_interp, chunk=chunk)
+  def one(params, image, masks, weights, step_sizes, alpha, decay):
+    return invert_one(model, params, image, masks, weights, step_sizes, alpha, decay,
+                      layer_ids=layer_ids, steps=steps, mode=mode, pos_interp=pos_interp, chunk=chunk)
 
   batched = jax.vmap(one, in_axes=(None, 0, 0, 0, None, None, None))
   return jax.jit(batched)
@@ -265,18 +304,16 @@ def bucket_size(k: int) -> int:
 
 
 def rasterize_boxes(boxes, hw: tuple[int, int]) -> np.ndarray:
-  """Boxes [K, 4] (x0, y0, x1, y1) in pixels of an [H, W] frame -> binary masks [K, H, W]:
+  """Boxes [K, 4] (x0, y0, x1, y1) in pixels of an [H, W] frame -> binary masks [K, H, W] float32:
   a pixel is inside when its centre (c + 0.5, r + 0.5) lies in [x0, x1) x [y0, y1)."""
   b = np.asarray(boxes, np.float64)
   if b.ndim == 1:
     b = b[None]
   if b.ndim != 2 or b.shape[-1] != 4:
     raise ValueError(f"boxes must be [K, 4] (x0, y0, x1, y1); got shape {b.shape}")
-  h, w = hw
-  ys, xs = np.arange(h) + 0.5, np.arange(w) + 0.5
-  inx = (xs[None] >= b[:, 0:1]) & (xs[None] < b[:, 2:3])  # [K, W]
-  iny = (ys[None] >= b[:, 1:2]) & (ys[None] < b[:, 3:4])  # [K, H]
-  return (iny[:, :, None] & inx[:, None, :]).astype(np.float32)
+  # Pixel-centre rule: ours. maskinversion-torch takes masks only (notes/legrad-maskinversion.md,
+  # MaskInversion step 6); AMC's int() slices are the other rule (trace_jax/boxes.py).
+  return boxes_to_masks(b, hw, rule="centre").astype(np.float32)
 
 
 def check_masks(masks, index: int = 0) -> np.ndarray:
@@ -369,7 +406,8 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
            alpha: float = 0.0, wd: float = 0.0, pos_interp: str = "antialias", bucket: bool = True,
            return_pre_step_map: bool = False, chunk: int | None = None,
            max_images_per_call: int | None = None):
-  """MaskInversion: one localized embedding token (LET) per mask.
+  """MaskInversion: one localized embedding token (LET) per mask. Needs a ViT image tower (LeGrad's
+  block recompute, trace_jax/models/blocks.py); other towers are refused with a ValueError naming them.
 
   Args:
     images: [B, H, W, 3] (NHWC, normalised) or one [H, W, 3] image (H, W multiples of the patch;
@@ -394,6 +432,7 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     ``dice`` / ``reg`` [steps], ``dice0`` / ``dice_final`` [K], ``z0`` [E], ``mode``; several images:
     a list of such dicts.
   """
+  require_vit(model.cfg, "MaskInversion")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
   if (masks is None) == (boxes is None):
@@ -427,7 +466,7 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   if mode == "auto":
     mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids))
   fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk)
-  hyper = [jnp.float32(x) for x in (lr, alpha, wd)]
+  hyper = hyper_args(lr, alpha, wd, steps)
 
   # Images whose masks share a size run in vmapped calls (K padded to a common bucket), as many
   # images per call as fit the memory budget.

@@ -18,6 +18,9 @@ so ``jax.grad`` of this loss w.r.t. the params is a second-order derivative (the
 GradCAM for a CLIP dual encoder (no ITM head): ``trace_jax.attribution.gradcam.gradcam_grid`` —
 the "itc" mode of the AMC code (notes §2): attention probabilities of the chosen ViT block, [CLS]
 row over the patch columns, times the ReLU-ed gradient of the image-text cosine, mean over heads.
+Default block: the last (``layer=-1``), where the authors read ALBEF's text-side cross-attention of
+BERT layer 8 (``block_num = 8``, notes §1-2); why the last vision block stands in for it:
+docs/training.md, "AMC: deviations".
 """
 from __future__ import annotations
 
@@ -25,19 +28,17 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from trace_jax.ops import MINMAX_EPS, minmax
 from trace_jax.resize import upsample_bilinear
-
-MINMAX_EPS = 1e-7  # notes §2: (cam - min) / (max(cam - min) + 1e-7)
-
 
 # torch bilinear (align_corners=False) to the mask size, notes §2 (mask_size): trace_jax/resize.py
 
 
 def minmax_normalize(cam: jax.Array, eps: float = MINMAX_EPS) -> jax.Array:
-  """Per-sample (cam - min) / (max(cam - min) + eps) over the last two axes; [B, h, w] -> [B, h, w]."""
-  lo = jnp.min(cam, axis=(-2, -1), keepdims=True)
-  x = cam - lo
-  return x / (jnp.max(x, axis=(-2, -1), keepdims=True) + eps)
+  """Per-sample (cam - min) / (max(cam - min) + eps) over the last two axes (notes §2); [B, h, w] ->
+  [B, h, w]. trace_jax/ops.py ``minmax`` with AMC's eps."""
+  return minmax(cam, axis=(-2, -1), eps=eps)
 
 
 def amc_margin_losses(cam: jax.Array, masks: jax.Array, indicator: jax.Array, *,

@@ -10,12 +10,10 @@ out-of-range value never scales logits beyond 100.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
-MAX_LOG_SCALE = math.log(100.0)
+from trace_jax.models.clip import MAX_LOG_SCALE  # noqa: F401 - re-exported for the losses
 
 
 def _l2n(x, eps=1e-12):

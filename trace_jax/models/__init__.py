@@ -1,6 +1,7 @@
 """Models: CLIP-style dual encoder (ViT or CRATE image tower)."""
 from trace_jax.models.clip import CLIP, TextTransformer, VisionTransformer, l2_normalize
-from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig, get_config
+from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from trace_jax.models.presets import get_config
 from trace_jax.models.perturbations import perturbation_zeros
 
 __all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer", "VisionTransformer",

@@ -13,6 +13,8 @@ give the same numbers, see tests/test_convert_parity.py):
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import flax.linen as nn
@@ -21,25 +23,20 @@ import jax.numpy as jnp
 
 from trace_jax.models import posemb
 from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
-from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, part
+from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, dtype_of, part
+from trace_jax.models.layers import check_images as _check_images
 
 
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}[name]
+_dtype = dtype_of
+
+# open_clip clamps the learnable log-temperature to [0, ln 100] after each update (its train loop);
+# the losses cap it the same way. Defined with the model whose parameter it bounds.
+MAX_LOG_SCALE = math.log(100.0)
 
 
 def check_images(images: jax.Array, cfg: VisionConfig) -> None:
-  """Static shape checks with messages that name the problem."""
-  if images.ndim not in (3, 4):
-    raise ValueError(f"images must be NHWC [batch, height, width, 3] or a single HWC image; "
-                     f"got rank {images.ndim} with shape {tuple(images.shape)}")
-  h, w, c = images.shape[-3:]
-  if c != 3:
-    raise ValueError(f"images must have 3 channels last (NHWC); got shape {tuple(images.shape)}")
-  p = cfg.patch_size
-  if h % p or w % p or h < p or w < p:
-    raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size {p} "
-                     f"(the model was trained at {cfg.image_size}x{cfg.image_size})")
+  """Static shape checks with messages that name the problem (``layers.check_images``)."""
+  _check_images(images, cfg.patch_size, cfg.image_size)
 
 
 class VisionTransformer(nn.Module):

@@ -77,38 +77,3 @@ class CLIPConfig:
   @classmethod
   def from_json(cls, s: str) -> "CLIPConfig":
     return cls.from_dict(json.loads(s))
-
-
-def _openai(patch, width, layers, heads, image, embed, t_width, t_heads, t_layers=12, act="quick_gelu"):
-  return CLIPConfig(
-      vision=VisionConfig(image_size=image, patch_size=patch, width=width, layers=layers, heads=heads),
-      text=TextConfig(width=t_width, heads=t_heads, layers=t_layers), embed_dim=embed, act=act)
-
-
-NAMED: dict[str, CLIPConfig] = {
-    "ViT-B-32": _openai(32, 768, 12, 12, 224, 512, 512, 8),
-    "ViT-B-16": _openai(16, 768, 12, 12, 224, 512, 512, 8),
-    "ViT-L-14": _openai(14, 1024, 24, 16, 224, 768, 768, 12),
-    "ViT-L-14-336": _openai(14, 1024, 24, 16, 336, 768, 768, 12),
-    # OpenCLIP ViT-H/14 (LAION-2B): head_width 80, plain GELU, text width 1024 / 16 heads / 24 layers.
-    "ViT-H-14": _openai(14, 1280, 32, 16, 224, 1024, 1024, 16, t_layers=24, act="gelu"),
-    # Tiny configs for tests and the embedded default.
-    "tiny": CLIPConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
-        text=TextConfig(context_length=16, vocab_size=1000, width=32, heads=4, layers=2, eos_token_id=999),
-        embed_dim=32),
-    "small": CLIPConfig(
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
-        text=TextConfig(context_length=32, vocab_size=2048, width=128, heads=4, layers=3, eos_token_id=2047),
-        embed_dim=128),
-}
-
-
-def get_config(name: str) -> CLIPConfig:
-  if name not in NAMED:
-    from trace_jax.models import crate  # the 'crate-clip-*' presets live beside the CRATE model
-    if name in crate.NAMED:
-      return crate.NAMED[name]
-    known = sorted(NAMED) + sorted(crate.NAMED)
-    raise ValueError(f"unknown model config {name!r}; known: {known}")
-  return NAMED[name]

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from trace_jax.models import posemb
-from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
-from trace_jax.models.layers import LN_EPS, part
+from trace_jax.models.config import CLIPConfig
+from trace_jax.models.layers import LayerNorm, acc_dtype, part
+from trace_jax.models.layers import check_images as _check_images
 
 Dtype = Any
 
@@ -152,48 +153,8 @@ def crate_config_from_clip(cfg: CLIPConfig) -> CrateConfig:
                      pos_interp=v.pos_interp)
 
 
-def _crate_clip(image, patch, dim, depth, heads, dim_head, text: TextConfig, embed):
-  extra = {"crate_dim_head": dim_head, "crate_eta": 0.1, "crate_lambda": 0.1}
-  return CLIPConfig(
-      vision=VisionConfig(image_size=image, patch_size=patch, width=dim, layers=depth, heads=heads,
-                          kind="crate"),
-      text=text, embed_dim=embed, extra=tuple(sorted(extra.items())))  # sorted: JSON round trip
-
-
-_TINY_TEXT = TextConfig(context_length=16, vocab_size=1000, width=32, heads=4, layers=2, eos_token_id=999)
-_SMALL_TEXT = TextConfig(context_length=32, vocab_size=2048, width=128, heads=4, layers=3, eos_token_id=2047)
-_B_TEXT = TextConfig(width=512, heads=8, layers=12)
-_L_TEXT = TextConfig(width=768, heads=12, layers=12)
-
-# Found by trace_jax.models.config.get_config as well.
-NAMED: dict[str, CLIPConfig] = {
-    # Same sizes as the ViT 'tiny' / 'small' presets (tests, the embedded default).
-    "crate-clip-tiny": _crate_clip(32, 8, 64, 2, 4, 16, _TINY_TEXT, 32),
-    "crate-clip-small": _crate_clip(64, 8, 128, 4, 4, 32, _SMALL_TEXT, 128),
-    # Official CRATE sizes at 224/16 with OpenAI-B (or -L) sized text towers.
-    "crate-clip-T-16": _crate_clip(224, 16, 384, 12, 6, 64, _B_TEXT, 512),
-    "crate-clip-S-16": _crate_clip(224, 16, 576, 12, 12, 48, _B_TEXT, 512),
-    "crate-clip-B-16": _crate_clip(224, 16, 768, 12, 12, 64, _B_TEXT, 512),
-    "crate-clip-L-16": _crate_clip(224, 16, 1024, 24, 16, 64, _L_TEXT, 768),
-}
-
-
 # ----------------------------------------------------------------------------------------------
 # Layers.
-
-class LayerNorm(nn.Module):
-  """torch-default LayerNorm (eps 1e-5), computed in float32, with the feature axis' logical name."""
-  axis_name: str | None = "embed"
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    # use_fast_variance=False: two-pass variance like torch (E[x²]-E[x]² loses digits on large means).
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, name="ln", use_fast_variance=False,
-                     scale_init=part(nn.initializers.ones, (self.axis_name,)),
-                     bias_init=part(nn.initializers.zeros, (self.axis_name,)))(x.astype(jnp.float32))
-    return y.astype(self.dtype)
-
 
 def ista_step(u, d, eta: float, lambd: float):
   """One ISTA step of CRATE from z0 = u, row form (notes/crate.md §1, checked by running the official code).
@@ -239,7 +200,7 @@ class MSSA(nn.Module):
     w = nn.DenseGeneral((self.heads, self.dim_head), use_bias=False, dtype=self.dtype,
                         param_dtype=jnp.float32, name="qkv",
                         kernel_init=part(_torch_linear_init, ("embed", "heads", "kv")))(x)
-    dots = jnp.einsum("...qhd,...khd->...hqk", w, w).astype(jnp.float32) * (self.dim_head ** -0.5)
+    dots = jnp.einsum("...qhd,...khd->...hqk", w, w).astype(acc_dtype(self.dtype)) * (self.dim_head ** -0.5)
     probs = jax.nn.softmax(dots, axis=-1)
     probs = self.perturb("attn", probs)
     out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), w)
@@ -264,9 +225,9 @@ class CrateBlock(nn.Module):
   @nn.compact
   def __call__(self, z):
     y, probs, w = MSSA(self.heads, self.dim_head, self.project_out, self.dtype, name="attn")(
-        LayerNorm(dtype=self.dtype, name="ln_1")(z))
+        LayerNorm(self.dtype, name="ln_1")(z))
     half = z + y                                               # "grad_x = attn(x) + x"
-    codes = ISTA(self.eta, self.lambd, self.dtype, name="ista")(LayerNorm(dtype=self.dtype, name="ln_2")(half))
+    codes = ISTA(self.eta, self.lambd, self.dtype, name="ista")(LayerNorm(self.dtype, name="ln_2")(half))
     tokens = self.perturb("tokens", codes)                     # "x = ff(grad_x)": no residual
     return tokens, {"attn": probs, "proj": w, "half": half, "codes": codes, "tokens": tokens}
 
@@ -292,16 +253,7 @@ class CrateEncoder(nn.Module):
 
 
 def check_images(images, cfg: CrateConfig) -> None:
-  if images.ndim not in (3, 4):
-    raise ValueError(f"images must be NHWC [batch, height, width, {cfg.channels}] or a single HWC image; "
-                     f"got rank {images.ndim} with shape {tuple(images.shape)}")
-  h, w, c = images.shape[-3:]
-  if c != cfg.channels:
-    raise ValueError(f"images must have {cfg.channels} channels last (NHWC); got shape {tuple(images.shape)}")
-  p = cfg.patch_size
-  if h % p or w % p or h < p or w < p:
-    raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size {p} "
-                     f"(the model was trained at {cfg.image_size}x{cfg.image_size})")
+  _check_images(images, cfg.patch_size, cfg.image_size, cfg.channels)
 
 
 class CrateTrunk(nn.Module):
@@ -313,11 +265,11 @@ class CrateTrunk(nn.Module):
     c = self.cfg
     # to_patch_embedding = [Rearrange, LayerNorm(patch_dim), Linear(patch_dim, dim), LayerNorm(dim)],
     # patch_dim = channels * patch_size**2 (flax infers it from the input).
-    self.patch_ln_1 = LayerNorm(None, self.dtype)
+    self.patch_ln_1 = LayerNorm(self.dtype, axis_name=None)
     self.patch_proj = nn.Dense(c.dim, dtype=self.dtype, param_dtype=jnp.float32,
                                kernel_init=part(_torch_linear_init, (None, "embed")),
                                bias_init=part(nn.initializers.zeros, ("embed",)))
-    self.patch_ln_2 = LayerNorm("embed", self.dtype)
+    self.patch_ln_2 = LayerNorm(self.dtype)
     self.cls_token = self.param("cls_token", part(nn.initializers.normal(1.0), ("embed",)), (c.dim,),
                                 jnp.float32)  # torch.randn
     self.pos_embedding = self.param("pos_embedding", part(nn.initializers.normal(1.0), (None, "embed")),
@@ -351,7 +303,7 @@ class CrateClassifier(CrateTrunk):
 
   def setup(self):
     super().setup()
-    self.head_ln = LayerNorm("embed", self.dtype)
+    self.head_ln = LayerNorm(self.dtype)
     self.head = nn.Dense(self.cfg.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                          kernel_init=part(_torch_linear_init, ("embed", None)),
                          bias_init=part(nn.initializers.zeros, (None,)))
@@ -372,7 +324,7 @@ class CrateVision(CrateTrunk):
 
   def setup(self):
     super().setup()
-    self.ln_post = LayerNorm("embed", self.dtype)
+    self.ln_post = LayerNorm(self.dtype)
     self.proj = self.param("proj", part(nn.initializers.normal(self.cfg.dim ** -0.5), ("embed", None)),
                            (self.cfg.dim, self.embed_dim), jnp.float32)
 

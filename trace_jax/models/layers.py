@@ -33,6 +33,16 @@ def gelu(x):
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
+
+
+def dtype_of(name: str):
+  """The jnp dtype of a config's dtype name ('float32', 'bfloat16', 'float16', 'float64')."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}")
+  return DTYPES[name]
+
+
 def acc_dtype(dtype: Dtype):
   """Dtype of the precision-sensitive parts (LayerNorm, attention logits / softmax, projected
   embeddings): at least float32, as open_clip upcasts them for bf16 / fp16; float64 stays float64
@@ -45,16 +55,33 @@ def part(init, axes):
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm in at least float32 (like open_clip's LayerNorm for low precision), cast back."""
+  """torch-default LayerNorm (eps 1e-5, two-pass variance) in at least float32 (like open_clip's
+  LayerNorm for low precision), cast back; ``axis_name`` is the feature axis' logical name."""
   dtype: Dtype = jnp.float32
+  axis_name: str | None = "embed"
 
   @nn.compact
   def __call__(self, x):
     acc = acc_dtype(self.dtype)
+    # use_fast_variance=False: two-pass variance like torch (E[x²]-E[x]² loses digits on large means).
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=acc, param_dtype=jnp.float32, use_fast_variance=False,
-                     scale_init=part(nn.initializers.ones, ("embed",)),
-                     bias_init=part(nn.initializers.zeros, ("embed",)), name="ln")(x.astype(acc))
+                     scale_init=part(nn.initializers.ones, (self.axis_name,)),
+                     bias_init=part(nn.initializers.zeros, (self.axis_name,)), name="ln")(x.astype(acc))
     return y.astype(self.dtype)
+
+
+def check_images(images, patch_size: int, image_size: int, channels: int = 3) -> None:
+  """Static shape checks of NHWC images (or one HWC image) with messages that name the problem."""
+  if images.ndim not in (3, 4):
+    raise ValueError(f"images must be NHWC [batch, height, width, {channels}] or a single HWC image; "
+                     f"got rank {images.ndim} with shape {tuple(images.shape)}")
+  h, w, c = images.shape[-3:]
+  if c != channels:
+    raise ValueError(f"images must have {channels} channels last (NHWC); got shape {tuple(images.shape)}")
+  p = patch_size
+  if h % p or w % p or h < p or w < p:
+    raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size {p} "
+                     f"(the model was trained at {image_size}x{image_size})")
 
 
 class MultiHeadAttention(nn.Module):

@@ -9,39 +9,17 @@ so both are offered:
   <=1.7e-6 (measured in the note).
 * ``'torch_bicubic'``: ``torch.nn.functional.interpolate(mode='bicubic', align_corners=False)``
   without antialias (Keys kernel a=-0.75), which Hugging Face ``CLIPVisionEmbeddings.
-  interpolate_pos_encoding`` uses. Implemented as exact separable weight matrices.
+  interpolate_pos_encoding`` uses. Implemented as exact separable weight matrices
+  (``trace_jax.resize.torch_bicubic_matrix``).
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from trace_jax.resize import torch_bicubic_matrix  # bottom layer: imports nothing of trace_jax
 
 METHODS = ("antialias", "torch_bicubic")
-
-
-def _cubic(x: np.ndarray, a: float) -> np.ndarray:
-  x = np.abs(x)
-  return np.where(
-      x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
-      np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
-
-
-@functools.lru_cache(maxsize=64)
-def torch_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """[out, in] weights of torch bicubic (align_corners=False, a=-0.75, border clamp)."""
-  scale = in_size / out_size
-  w = np.zeros((out_size, in_size), np.float64)
-  for o in range(out_size):
-    src = (o + 0.5) * scale - 0.5
-    i0 = int(np.floor(src))
-    t = src - i0
-    for k in range(-1, 3):
-      idx = min(max(i0 + k, 0), in_size - 1)
-      w[o, idx] += _cubic(np.array(k - t), -0.75)
-  return w
 
 
 def resize_grid(grid: jax.Array, out_hw: tuple[int, int], method: str = "antialias") -> jax.Array:

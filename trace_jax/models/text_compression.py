@@ -107,3 +107,17 @@ class TextCompression(nn.Module):
     w_out = self.param("out_proj", part(nn.initializers.normal(self.width ** -0.5), ("embed", None)),
                        (self.width, self.out_dim), jnp.float32)
     return (r @ w_out.astype(self.dtype)).astype(jnp.float32)
+
+
+META_FIELDS = ("num_registers", "width", "out_dim", "layers", "heads", "mlp_ratio", "act")
+
+
+def to_meta(module: TextCompression, dtype: str = "float32") -> dict:
+  """JSON description of a TextCompression (stored as a model dir head, trace_jax/model_dir.py)."""
+  return {"kind": "text_compression", "dtype": dtype, **{k: getattr(module, k) for k in META_FIELDS}}
+
+
+def from_meta(meta: dict) -> TextCompression:
+  """The TextCompression that ``to_meta`` described."""
+  from trace_jax.models.layers import dtype_of
+  return TextCompression(**{k: meta[k] for k in META_FIELDS}, dtype=dtype_of(meta.get("dtype", "float32")))

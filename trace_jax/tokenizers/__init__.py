@@ -14,7 +14,7 @@ from trace_jax.tokenizers.clip_bpe import (DEFAULT_CONTEXT_LENGTH, EOT, OPTIONS_
                                            CLIPTokenizer, bytes_to_unicode)
 from trace_jax.tokenizers.word import WORDS_FILE, WordTokenizer, build_vocab, split_words
 
-__all__ = ["CLIPTokenizer", "WordTokenizer", "build_vocab", "split_words", "load_tokenizer",
+__all__ = ["CLIPTokenizer", "WordTokenizer", "build_vocab", "split_words", "load_tokenizer", "check_one_kind",
            "bytes_to_unicode", "SOT", "EOT", "DEFAULT_CONTEXT_LENGTH"]
 
 _EXPECTED = f"{WORDS_FILE}, vocab.json + merges.txt, or an OpenAI-style *.txt.gz BPE file"
@@ -53,16 +53,33 @@ def _tokenizer_files_dir(model_dir: str) -> str:
   raise FileNotFoundError(f"{model_dir}: no tokenizer directory {sub} (expected {_EXPECTED} in it)")
 
 
+def check_one_kind(d: str) -> None:
+  """Refuse a tokenizer folder holding files of two kinds (word-level, CLIP BPE vocab.json + merges.txt,
+  OpenAI BPE *.txt.gz): which one the model was trained with cannot be told, and a silent choice
+  would give wrong ids. ValueError names the files."""
+  kinds = {
+      "word-level": [n for n in (WORDS_FILE,) if os.path.isfile(os.path.join(d, n))],
+      "CLIP BPE": [n for n in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(d, n))],
+      "OpenAI BPE": sorted(os.path.basename(g) for g in glob.glob(os.path.join(d, "*.txt.gz"))),
+  }
+  found = {k: v for k, v in kinds.items() if v}
+  if len(found) > 1:
+    listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in found.items())
+    raise ValueError(f"{d}: tokenizer files of {len(found)} kinds ({listed}); keep the one the model "
+                     f"was trained with")
+
+
 def load_tokenizer(model_dir: str, context_length: int | None = None
                    ) -> CLIPTokenizer | WordTokenizer:
   """The tokenizer stored with a model directory (or a bare tokenizer directory).
 
   context_length: explicit argument, else the model's ``config.json`` ``text.context_length``, else
   the tokenizer files' own value (``words.json`` / ``trace_jax_tokenizer.json``), else 77.
-  Raises FileNotFoundError when no tokenizer files are present and ValueError naming the file when one
-  does not parse.
+  Raises FileNotFoundError when no tokenizer files are present, ValueError naming the file when one
+  does not parse and naming the files when the folder holds two kinds (``check_one_kind``).
   """
   d = _tokenizer_files_dir(model_dir)
+  check_one_kind(d)
   ctx = context_length if context_length is not None else _model_context_length(model_dir)
   words = os.path.join(d, WORDS_FILE)
   if os.path.isfile(words):
@@ -94,3 +111,29 @@ def load_tokenizer(model_dir: str, context_length: int | None = None
   if gz:
     return CLIPTokenizer.from_bpe_gz(gz[0], **kwargs)
   raise FileNotFoundError(f"{d}: no tokenizer files (expected {_EXPECTED})")
+
+
+def text_warnings(tokenizer, texts, context_length: int | None = None) -> list[str]:
+  """What tokenizing ``texts`` changes behind the user's back, one message each: tokens dropped past the
+  context, words the word tokenizer does not know (read as unk), characters the BPE cleaning drops.
+  An empty (or all-whitespace) text is a ValueError naming it."""
+  ctx = int(context_length or tokenizer.context_length)
+  out = []
+  for i, t in enumerate(texts):
+    if not isinstance(t, str) or not t.strip():
+      raise ValueError(f"text {i + 1} is empty: give a phrase to ground")
+    ids = tokenizer.encode(t)
+    if len(ids) > ctx - 2:
+      out.append(f"text {i + 1} {t[:40]!r}... has {len(ids)} tokens; the context holds {ctx - 2}: "
+                 f"the last {len(ids) - (ctx - 2)} were dropped")
+    if isinstance(tokenizer, WordTokenizer):
+      unknown = [w for w in split_words(t) if w not in tokenizer.ids]
+      if unknown:
+        out.append(f"text {i + 1}: {len(unknown)} word(s) not in the tokenizer's vocabulary, read as <unk>: "
+                   f"{', '.join(dict.fromkeys(unknown))}")
+    else:
+      kept = "".join(tokenizer.decode(ids).split())
+      lost = [c for c in dict.fromkeys("".join(t.lower().split())) if c not in kept]
+      if lost:
+        out.append(f"text {i + 1}: characters the tokenizer drops: {''.join(lost)!r}")
+  return out

@@ -154,10 +154,11 @@ class CLIPTokenizer:
     encoder: token string -> id (``vocab.json``); must hold ``<|startoftext|>`` and ``<|endoftext|>``.
     merges: merge pairs in rank order (lowest rank merges first).
     context_length: row length of ``__call__`` (77 for every released CLIP).
-    pad_id: id written after the end token. ``None`` (default) pads with the end-token id 49407, exactly
-      as transformers' CLIPTokenizer does; open_clip pads with 0. Both pool correctly in CLIP's text
-      tower: argmax pooling takes the *first* maximum (the real end token) and 'eos' pooling the first
-      end token; the causal mask keeps padding from changing the pooled position.
+    pad_id: id written after the end token. ``None`` (default) pads with the end-token id 49407, as
+      transformers' CLIPTokenizer does (tests/test_tokenizers.py compares padded rows with it);
+      open_clip pads with 0. Both pool correctly in CLIP's text tower: argmax pooling takes the
+      *first* maximum (the real end token) and 'eos' pooling the first end token; the causal mask
+      keeps padding from changing the pooled position.
     clean: 'hf' (transformers parity, default) or 'openai' (openai/CLIP and open_clip parity).
   """
 

@@ -2,11 +2,12 @@
 
 anchors.py    frozen word anchors (GloVe / word2vec files, or derived offline), the concept hierarchy
 grounding.py  heatmaps per caption word and the readable trace (subspace -> coarse -> fine)
-task.py       the training objective (a step.Task: CRATE dual encoder, L_clip + TRACE losses)
+vocab.py      the closed / open vocabularies over the anchors, and their JSON form (the model dir's head)
+head.py       a trained TRACE model read back from its model dir (no training data needed)
 evaluate.py   patch-token grounding P / R / mIoU vs the CLIP baseline, closed / open vocabulary, purity
 report.py     the interpretability report (PNG per image, subspace -> concept table)
-compare.py    CLIP baseline vs TRACE vs ablations, same seed and budget (python -m trace_jax.trace.compare)
-The losses are in trace_jax/losses/trace.py.
+The losses are in trace_jax/losses/trace.py, the training objective in trace_jax/objectives/trace.py,
+the comparison with its ablations in compare.py --suite trace.
 """
 from __future__ import annotations
 

@@ -232,6 +232,11 @@ class Hierarchy:
       raise ValueError("the hierarchy has no coarse concepts")
     return cls(coarse, tuple(f for f, _ in pairs), tuple(coarse.index(c) for _, c in pairs), tuple(groups))
 
+  def to_dict(self) -> dict:
+    """The ``{"coarse": [..], "fine": {fine: coarse}, "groups": {..}}`` form ``from_dict`` reads."""
+    return {"coarse": list(self.coarse), "fine": {f: self.coarse[p] for f, p in zip(self.fine, self.parent)},
+            "groups": {k: list(ws) for k, ws in self.groups}}
+
   @classmethod
   def from_json(cls, path_or_text: str) -> "Hierarchy":
     if os.path.exists(path_or_text):

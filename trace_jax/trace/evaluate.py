@@ -23,11 +23,10 @@ fraction of such patches whose dominant subspace is assigned (fixed g(k), §3.1)
 concept; chance = 1 / C. ``purity_majority`` assigns each subspace the majority coarse concept of its
 patches instead (the best any assignment can do; a descriptive statistic, not a trained map).
 
-    python -m trace_jax.trace.evaluate --workdir runs/trace [--method trace,clip] [--num_examples 500]
+    python evaluate.py --config configs/trace.py --checkpoint runs/trace [--config.eval.num_examples=500]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
@@ -36,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trace_jax import ops
 from trace_jax.evaluation import metrics as M
 from trace_jax.losses import trace as tl
 from trace_jax.models import l2_normalize
 from trace_jax.trace import grounding, vocab_arrays
 
-KINDS = ("fine", "coarse", "stuff")          # render.WORD_KINDS that name visible things
+KINDS = ("fine", "coarse", "stuff")          # scene.WORD_KINDS that name visible things
 METHODS = ("trace", "clip")
 SETTINGS = {"closed": "test", "open": "openvocab"}
 
@@ -52,10 +52,9 @@ def word_text_ids(tokenizer, words: Sequence[str]) -> np.ndarray:
 
 
 def minmax(x, axis=-1):
-  """Per-map min-max normalisation to [0, 1] along ``axis`` (a constant map -> 0)."""
-  lo = jnp.min(x, axis=axis, keepdims=True)
-  hi = jnp.max(x, axis=axis, keepdims=True)
-  return (x - lo) / jnp.maximum(hi - lo, 1e-12)
+  """Per-map min-max normalisation to [0, 1] along ``axis``: (x - min) / max(max - min, 1e-12), a
+  constant map -> 0 (trace_jax/ops.py)."""
+  return ops.minmax(x, axis=axis, min_range=1e-12)
 
 
 def clip_patch_word(model, clip_params, images, text_ids):
@@ -97,8 +96,8 @@ def select_tokens(batch: dict, tok2vocab: np.ndarray, *, words: Sequence[int] | 
   A token is scored iff its row is valid, its kind is in KINDS, its GT patch mask is non-empty and its
   token id maps to a vocabulary word (and, if ``words`` is given, to one of those vocabulary ids).
   """
-  from trace_jax.data.shapes import render
-  kind_ids = np.asarray([render.KIND[k] for k in KINDS])
+  from trace_jax.data.shapes import scene
+  kind_ids = np.asarray([scene.KIND[k] for k in KINDS])
   vid = tok2vocab[batch["caption_ids"]]                                        # [B, L]
   gt_any = (batch["token_masks"] >= 0.5).any(axis=(-1, -2))                    # [B, L]
   ok = np.isin(batch["token_kind"], kind_ids) & gt_any & (vid >= 0)
@@ -106,7 +105,7 @@ def select_tokens(batch: dict, tok2vocab: np.ndarray, *, words: Sequence[int] | 
   if words is not None:
     ok &= np.isin(vid, np.asarray(words))
   rows, pos = np.nonzero(ok)
-  kinds = np.asarray(render.WORD_KINDS)[batch["token_kind"][rows, pos]]
+  kinds = np.asarray(scene.WORD_KINDS)[batch["token_kind"][rows, pos]]
   return rows, pos, vid[rows, pos], kinds
 
 
@@ -158,19 +157,19 @@ def evaluate(task, params, source, *, method: str = "trace", setting: str = "clo
   oracle maps); V indexes the setting's vocabulary.
   """
   from trace_jax.data import pipeline
-  from trace_jax.data.shapes import render
+  from trace_jax.data.shapes.concepts import load_concepts
   if setting not in SETTINGS:
     raise ValueError(f"unknown setting {setting!r}; expected one of {sorted(SETTINGS)}")
   tv = task.vocab
   vocab = tv.closed if setting == "closed" else tv.open
-  from trace_jax.trace.task import token_to_vocab
+  from trace_jax.trace.vocab import token_to_vocab
   tok2vocab = token_to_vocab(task.tokenizer, vocab)
   words = None if setting == "closed" else [vocab.index(w) for w in tv.open_words if w in vocab.words]
   if maps_fn is None:
     f = make_maps_fn(task, method, vocab, gate=gate)
     maps_fn = lambda p, b: f(p, jnp.asarray(b["image"]))
   patch = task.cfg.vision.patch_size
-  label_coarse = np.asarray(render.load_concepts().fine_coarse)
+  label_coarse = np.asarray(load_concepts().fine_coarse)
   assignment = np.asarray(task.arrays["assignment"])
   num_coarse = len(vocab.coarse_names)
   n = len(source) if num_examples is None else min(int(num_examples), len(source))
@@ -228,48 +227,33 @@ TABLE_HEADER = ("| model / readout | precision | recall | mIoU | purity (fixed g
                 "chance 20) | purity (majority g) | tokens |\n|---|---|---|---|---|---|---|---|")
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-
-def load_run(workdir: str, step: int | None = None):
-  """(config, task, params) of a loop workdir (its config.json and latest checkpoint)."""
-  import ml_collections
-  from trace_jax.trace.task import make_trace_task
-  from trace_jax.training.checkpointing import restore_params_only
-  with open(os.path.join(workdir, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  task = make_trace_task(config)
-  params, _, _ = restore_params_only(os.path.join(workdir, "checkpoints"), step)
-  return config, task, jax.tree.map(jnp.asarray, params)
-
+# ---------------------------------------------------------------------------------------------- run
 
 def load_source(config, split: str):
-  from trace_jax.data import pipeline
-  from trace_jax.training.loop import builder_kwargs
-  d = config.data
-  return pipeline.load_split(pipeline.DATASET_NAME, d.data_dir, d.image_size, split, **builder_kwargs(d))
+  """The embedded set's ``split`` for ``config.data``."""
+  from trace_jax.data.sources import load_shapes_split
+  return load_shapes_split(config.data, split)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument("--method", default="trace,clip")
-  ap.add_argument("--settings", default="closed,open")
-  ap.add_argument("--num_examples", type=int, default=None)
-  ap.add_argument("--out", default=None, help="JSON output (default <workdir>/trace_eval.json)")
-  a = ap.parse_args(argv)
-  config, task, params = load_run(a.workdir)
+def run(config, md, out_path: str | None = None, *, methods=("trace", "clip"), settings=("closed", "open"),
+        num_examples: int | None = None, verbose: bool = True) -> dict:
+  """Every method x setting on a TRACE model dir ``md`` (``trace_jax.model_dir.load``): prints the table
+  and writes the results to ``out_path`` (JSON). The vocabulary is the one stored in the model dir."""
+  from trace_jax.trace.head import from_model_dir
+  tm = from_model_dir(md)
+  params = jax.tree.map(jnp.asarray, md.tree())
   results = {}
-  print(TABLE_HEADER)
-  for setting in a.settings.split(","):
+  if verbose:
+    print(TABLE_HEADER)
+  for setting in settings:
     src = load_source(config, SETTINGS[setting])
-    for method in a.method.split(","):
-      r = evaluate(task, params, src, method=method, setting=setting, num_examples=a.num_examples)
+    for method in methods:
+      r = evaluate(tm, params, src, method=method, setting=setting, num_examples=num_examples)
       results[f"{method}/{setting}"] = r
-      print(format_row(f"{method} ({setting})", r), flush=True)
-  with open(a.out or os.path.join(a.workdir, "trace_eval.json"), "w") as f:
-    json.dump(results, f, indent=1)
+      if verbose:
+        print(format_row(f"{method} ({setting})", r), flush=True)
+  if out_path:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+      json.dump(results, f, indent=1)
   return results
-
-
-if __name__ == "__main__":
-  main()

@@ -118,9 +118,10 @@ def make_report(task, params, source, out_dir: str, *, indices: Sequence[int] = 
   """PNGs for ``indices`` of ``source`` and the subspace table (computed with ``evaluate.evaluate`` on
   ``num_examples`` of the source unless ``table`` is given). Returns {'images': [...], 'table': ...}."""
   from trace_jax.data import pipeline
-  from trace_jax.data.shapes import render
+  from trace_jax.data.shapes import scene
+  from trace_jax.data.shapes.concepts import load_concepts
   from trace_jax.trace import evaluate as ev
-  from trace_jax.trace.task import token_to_vocab
+  from trace_jax.trace.vocab import token_to_vocab
   os.makedirs(out_dir, exist_ok=True)
   vocab = task.vocab.closed
   tcfg = task.trace_cfg
@@ -138,9 +139,9 @@ def make_report(task, params, source, out_dir: str, *, indices: Sequence[int] = 
   batch = pipeline.make_batch(examples, tokenizer=task.tokenizer, patch_size=patch)
   m, Mc, q = jax.device_get(feats(params, jnp.asarray(batch["image"])))
   g = batch["token_masks"].shape[-1]
-  gt = ev.patch_coarse_labels(batch["semantic"], patch, np.asarray(render.load_concepts().fine_coarse))
+  gt = ev.patch_coarse_labels(batch["semantic"], patch, np.asarray(load_concepts().fine_coarse))
   t2v = token_to_vocab(task.tokenizer, vocab)
-  kinds = {render.KIND[k] for k in ev.KINDS}
+  kinds = {scene.KIND[k] for k in ev.KINDS}
   paths = []
   for r, idx in enumerate(indices):
     words = []
@@ -173,7 +174,13 @@ def main(argv=None):
   ap.add_argument("--num_images", type=int, default=8)
   ap.add_argument("--num_examples", type=int, default=None, help="examples for the purity table (default all)")
   a = ap.parse_args(argv)
-  config, task, params = ev.load_run(a.workdir)
+  import ml_collections
+  from trace_jax import model_dir
+  from trace_jax.trace.head import from_model_dir
+  with open(os.path.join(a.workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  md = model_dir.load(os.path.join(a.workdir, "model"))
+  task, params = from_model_dir(md), jax.tree.map(jnp.asarray, md.tree())
   src = ev.load_source(config, a.split)
   res = make_report(task, params, src, a.out or os.path.join(a.workdir, "report"),
                     indices=range(a.num_images), num_examples=a.num_examples)

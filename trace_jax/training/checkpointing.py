@@ -6,7 +6,9 @@ opt state, PRNG key) as an orbax standard pytree, ``meta`` JSON (data position, 
 save happened). orbax writes each step into a temporary directory and renames it when complete
 (atomic), so a run killed mid-save leaves the previous checkpoint as the latest valid one.
 The data position is the step: batches are a pure function of (seed, step)
-(trace_jax/data/pipeline.py), so resuming at step k reads exactly the batches k, k+1, ...
+(trace_jax/data/pipeline.py), so resuming at step k reads the batches k, k+1, ... of an uninterrupted
+run (tests/test_shapes_data.py; a SIGKILLed and resumed run reaches bit-identical parameters,
+tests/test_checkpointing.py)
 """
 from __future__ import annotations
 

@@ -10,7 +10,9 @@
 
 Each module has `prepare(manual_dir, data_dir, config, **overrides) -> builder`; read with
 `builder.as_data_source(split)`; `builder.stats` gives the skipped-annotation counts.
-Boxes everywhere: float32 [N, 4] [x0, y0, x1, y1] in original-image pixels (common.py).
+Boxes everywhere: float32 [N, 4] [x0, y0, x1, y1] in original-image pixels (readers.py).
+Shared pieces: readers.py (annotation files, images), masks.py (PNG / COCO mask codecs), builder.py
+(builder base, skip counts, the build CLI).
 """
 import importlib
 

@@ -38,7 +38,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import masks as M
+from trace_jax.data.real import readers as R
 
 SPLITS = ('train2017', 'val2017')
 
@@ -151,7 +153,7 @@ class CocoConfig(tfds.core.BuilderConfig):
   captions: bool = True
 
 
-class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceCoco(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """COCO 2017 captions + instances, and COCO-Stuff (name 'trace_coco')."""
 
   name = 'trace_coco'
@@ -170,21 +172,21 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
 
   def _info(self):
     f = {
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
         'file_name': tfds.features.Text(), 'height': tfds.features.Scalar(np.int32),
-        'width': tfds.features.Scalar(np.int32), 'captions': C.texts(),
+        'width': tfds.features.Scalar(np.int32), 'captions': B.texts(),
     }
     if self.builder_config.kind == 'instances':
       f.update({
-          'ann_id': C.ints(None, dtype=np.int64), 'category_id': C.ints(None),
-          'category': C.texts(), 'boxes': C.floats(None, 4),
-          'iscrowd': tfds.features.Tensor(shape=(None,), dtype=np.bool_), 'area': C.floats(None),
-          'masks': C.bytes_list(),
+          'ann_id': B.ints(None, dtype=np.int64), 'category_id': B.ints(None),
+          'category': B.texts(), 'boxes': B.floats(None, 4),
+          'iscrowd': tfds.features.Tensor(shape=(None,), dtype=np.bool_), 'area': B.floats(None),
+          'masks': B.bytes_list(),
       })
     elif self.builder_config.kind == 'stuff':
       f.update({
-          'label_map': C.PNG_BYTES(), 'labels': C.ints(None),
-          'words': C.texts(), 'word_caption': C.ints(None), 'word_labels': C.ints(None, 2),
+          'label_map': B.PNG_BYTES(), 'labels': B.ints(None),
+          'words': B.texts(), 'word_caption': B.ints(None), 'word_labels': B.ints(None, 2),
       })
     else:
       raise ValueError(f"unknown kind {self.builder_config.kind!r}; expected 'instances' or 'stuff'")
@@ -211,50 +213,50 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
         self.info.metadata['categories'] = {str(k): v for k, v in sorted(cats.items())}
         out[split] = self._gen_instances(root, split, images, captions, anns, cats)
       else:
-        maps = C.require_dir(os.path.join(root, 'stuffthingmaps_trainval2017', split),
+        maps = R.require_dir(os.path.join(root, 'stuffthingmaps_trainval2017', split),
                              'COCO-Stuff stuffthingmaps PNGs')
         out[split] = self._gen_stuff(root, split, images, captions, maps)
     return out
 
   # ---- annotation files
   def _load_images(self, path):
-    js = C.load_json(path, 'COCO instances: images / annotations / categories')
+    js = R.load_json(path, 'COCO instances: images / annotations / categories')
     images = {}
-    for i, im in enumerate(C.get_list(js, 'images', path)):
+    for i, im in enumerate(R.get_list(js, 'images', path)):
       w = f'images[{i}]'
-      images[C.get(im, 'id', path, w, int)] = dict(
-          file_name=C.get(im, 'file_name', path, w, str), height=C.get(im, 'height', path, w, int),
-          width=C.get(im, 'width', path, w, int))
+      images[R.get(im, 'id', path, w, int)] = dict(
+          file_name=R.get(im, 'file_name', path, w, str), height=R.get(im, 'height', path, w, int),
+          width=R.get(im, 'width', path, w, int))
     return images
 
   def _load_instances(self, path):
-    js = C.load_json(path, 'COCO instances')
-    cats = {C.get(c, 'id', path, f'categories[{i}]', int): C.get(c, 'name', path, f'categories[{i}]', str)
-            for i, c in enumerate(C.get_list(js, 'categories', path))}
+    js = R.load_json(path, 'COCO instances')
+    cats = {R.get(c, 'id', path, f'categories[{i}]', int): R.get(c, 'name', path, f'categories[{i}]', str)
+            for i, c in enumerate(R.get_list(js, 'categories', path))}
     by_image: dict[int, list] = {}
-    for i, a in enumerate(C.get_list(js, 'annotations', path)):
+    for i, a in enumerate(R.get_list(js, 'annotations', path)):
       w = f'annotations[{i}]'
       for key in ('id', 'image_id', 'category_id', 'bbox', 'segmentation'):
-        C.get(a, key, path, w)
-      C.get_box(a, 'bbox', path, w)
+        R.get(a, key, path, w)
+      R.get_box(a, 'bbox', path, w)
       if a['category_id'] not in cats:
-        raise C.AnnotationError(path, f'{w}.category_id', f'{a["category_id"]} is not in categories')
+        raise R.AnnotationError(path, f'{w}.category_id', f'{a["category_id"]} is not in categories')
       by_image.setdefault(a['image_id'], []).append((i, a))
     return by_image, cats
 
   def _load_captions(self, path):
-    js = C.load_json(path, 'COCO captions')
+    js = R.load_json(path, 'COCO captions')
     caps: dict[int, list[str]] = {}
-    for i, a in enumerate(C.get_list(js, 'annotations', path)):
+    for i, a in enumerate(R.get_list(js, 'annotations', path)):
       w = f'annotations[{i}]'
-      caps.setdefault(C.get(a, 'image_id', path, w, int), []).append(
-          C.get(a, 'caption', path, w, str).strip())
+      caps.setdefault(R.get(a, 'image_id', path, w, int), []).append(
+          R.get(a, 'caption', path, w, str).strip())
     return caps
 
   # ---- generators
   def _image(self, root, split, image_id, meta, n_ann):
     path = os.path.join(root, split, meta['file_name'])
-    got = C.read_image(path)
+    got = R.read_image(path)
     if got is None:
       self._missing(split, path, n_ann)
     return got
@@ -270,9 +272,9 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
         continue
       data, h, w = got
       if (h, w) != (meta['height'], meta['width']):
-        raise C.AnnotationError(ann_path, f'images[id={image_id}].height/width',
+        raise R.AnnotationError(ann_path, f'images[id={image_id}].height/width',
                                 f'{meta["height"]}x{meta["width"]} differs from the file ({h}x{w})')
-      masks = [C.encode_png(C.coco_segmentation_to_mask(a['segmentation'], h, w, ann_path,
+      masks = [M.encode_png(M.coco_segmentation_to_mask(a['segmentation'], h, w, ann_path,
                                                         f'annotations[{i}].segmentation'))
                for i, a in objs]
       yield image_id, {
@@ -281,7 +283,7 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
           'ann_id': np.asarray([a['id'] for _, a in objs], np.int64),
           'category_id': np.asarray([a['category_id'] for _, a in objs], np.int32),
           'category': [cats[a['category_id']] for _, a in objs],
-          'boxes': C.boxes_array([C.xywh_to_xyxy(a['bbox']) for _, a in objs]),
+          'boxes': R.boxes_array([R.xywh_to_xyxy(a['bbox']) for _, a in objs]),
           'iscrowd': np.asarray([bool(a.get('iscrowd', 0)) for _, a in objs], np.bool_),
           'area': np.asarray([float(a.get('area', 0.0)) for _, a in objs], np.float32),
           'masks': np.asarray(masks, dtype=object).reshape(-1),
@@ -301,9 +303,9 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
       if not os.path.isfile(png):
         self._missing(split, png, max(1, len(caps)), kind='label_map')
         continue
-      lab = C.read_label_png(png)
+      lab = M.read_label_png(png)
       if lab.shape != (h, w):
-        raise C.AnnotationError(png, '<pixels>', f'label map is {lab.shape}, image is {(h, w)}')
+        raise R.AnnotationError(png, '<pixels>', f'label map is {lab.shape}, image is {(h, w)}')
       words, word_caption, pairs = [], [], []
       for ci, cap in enumerate(caps):
         ws, ps = ground_caption(cap, vocab)
@@ -322,8 +324,8 @@ class TraceCoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'instances', **kw) -> TraceCoco:
   """Builds trace_coco/<config> from manual_dir (e.g. splits=('val2017',))."""
-  return C.prepare(TraceCoco, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceCoco, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'instances', TraceCoco))
+  raise SystemExit(B.main(prepare, 'instances', TraceCoco))

@@ -30,7 +30,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import readers as R
 
 SPLITS = ('train', 'val', 'test')
 CATEGORIES = ('people', 'clothing', 'bodyparts', 'animals', 'vehicles', 'instruments', 'scene',
@@ -40,7 +41,7 @@ CATEGORIES = ('people', 'clothing', 'bodyparts', 'animals', 'vehicles', 'instrum
 def parse_sentences(path: str) -> list[dict]:
   """Sentences/<id>.txt -> [{'sentence', 'phrases': [{'first_word_index', 'phrase', 'phrase_id',
   'phrase_type': [types]}]}] (as flickr30k_entities_utils.get_sentence_data)."""
-  C.require_file(path, 'Flickr30k Entities sentences')
+  R.require_file(path, 'Flickr30k Entities sentences')
   with open(path, encoding='utf-8') as f:
     lines = f.read().split('\n')
   out = []
@@ -63,14 +64,14 @@ def parse_sentences(path: str) -> list[dict]:
         parts = token.split('/')
         m = re.fullmatch(r'EN#(\d+)', parts[1]) if len(parts) >= 3 else None
         if m is None:
-          raise C.AnnotationError(path, f'line {ln + 1}', f'malformed entity tag {token!r}')
+          raise R.AnnotationError(path, f'line {ln + 1}', f'malformed entity tag {token!r}')
         current = {'first_word_index': len(words), 'phrase_id': int(m.group(1)),
                    'phrase_type': parts[2:], 'words': []}
         inside = True
       else:
         words.append(token)
     if inside:
-      raise C.AnnotationError(path, f'line {ln + 1}', 'unterminated [/EN#...] phrase')
+      raise R.AnnotationError(path, f'line {ln + 1}', 'unterminated [/EN#...] phrase')
     out.append({'sentence': ' '.join(words), 'phrases': phrases})
   return out
 
@@ -78,24 +79,24 @@ def parse_sentences(path: str) -> list[dict]:
 def parse_annotation(path: str) -> dict:
   """Annotations/<id>.xml -> {'width', 'height', 'boxes': {entity_id: [[xmin, ymin, xmax, ymax]]}
   (raw XML values), 'scene': [ids], 'nobox': [ids]}."""
-  C.require_file(path, 'Flickr30k Entities annotation XML')
+  R.require_file(path, 'Flickr30k Entities annotation XML')
   try:
     root = ET.parse(path).getroot()
   except ET.ParseError as e:
-    raise C.AnnotationError(path, '<file>', f'not valid XML ({e})') from None
+    raise R.AnnotationError(path, '<file>', f'not valid XML ({e})') from None
   size = root.find('size')
   if size is None:
-    raise C.AnnotationError(path, 'size', 'missing')
+    raise R.AnnotationError(path, 'size', 'missing')
   info = {'boxes': {}, 'scene': [], 'nobox': []}
   for key in ('width', 'height'):
     el = size.find(key)
     if el is None or not (el.text or '').strip().isdigit():
-      raise C.AnnotationError(path, f'size.{key}', 'missing or not an integer')
+      raise R.AnnotationError(path, f'size.{key}', 'missing or not an integer')
     info[key] = int(el.text)
   for k, obj in enumerate(root.findall('object')):
     names = obj.findall('name')
     if not names:
-      raise C.AnnotationError(path, f'object[{k}].name', 'missing')
+      raise R.AnnotationError(path, f'object[{k}].name', 'missing')
     box = obj.find('bndbox')
     for name in names:
       eid = int(name.text)
@@ -106,7 +107,7 @@ def parse_annotation(path: str) -> dict:
           try:
             vals.append(float(el.text))
           except (AttributeError, TypeError, ValueError):
-            raise C.AnnotationError(path, f'object[{k}].bndbox.{key}', 'missing or not a number') from None
+            raise R.AnnotationError(path, f'object[{k}].bndbox.{key}', 'missing or not a number') from None
         info['boxes'].setdefault(eid, []).append(vals)
       else:
         if int(getattr(obj.find('nobndbox'), 'text', 0) or 0) > 0:
@@ -121,7 +122,7 @@ class FlickrConfig(tfds.core.BuilderConfig):
   splits: tuple = SPLITS
 
 
-class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceFlickr30kEntities(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """Flickr30k Entities (name 'trace_flickr30k_entities')."""
 
   name = 'trace_flickr30k_entities'
@@ -131,14 +132,14 @@ class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__mai
 
   def _info(self):
     f = tfds.features.FeaturesDict({
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Text(),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Text(),
         'height': tfds.features.Scalar(np.int32), 'width': tfds.features.Scalar(np.int32),
-        'sentences': C.texts(),
-        'phrases': C.texts(), 'phrase_sentence': C.ints(None), 'phrase_first_word': C.ints(None),
-        'phrase_entity': C.ints(None), 'phrase_type': C.texts(), 'phrase_types': C.texts(),
+        'sentences': B.texts(),
+        'phrases': B.texts(), 'phrase_sentence': B.ints(None), 'phrase_first_word': B.ints(None),
+        'phrase_entity': B.ints(None), 'phrase_type': B.texts(), 'phrase_types': B.texts(),
         'phrase_has_box': tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-        'boxes': C.floats(None, 4), 'box_entity': C.ints(None),
-        'scene_entities': C.ints(None), 'nobox_entities': C.ints(None),
+        'boxes': B.floats(None, 4), 'box_entity': B.ints(None),
+        'scene_entities': B.ints(None), 'nobox_entities': B.ints(None),
     })
     md = self._metadata()
     md['categories'] = list(CATEGORIES)
@@ -147,11 +148,11 @@ class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__mai
 
   def _split_generators(self, dl_manager):
     root = self._manual_dir(dl_manager)
-    C.require_dir(os.path.join(root, 'Annotations'), 'Flickr30k Entities Annotations/*.xml')
-    C.require_dir(os.path.join(root, 'Sentences'), 'Flickr30k Entities Sentences/*.txt')
+    R.require_dir(os.path.join(root, 'Annotations'), 'Flickr30k Entities Annotations/*.xml')
+    R.require_dir(os.path.join(root, 'Sentences'), 'Flickr30k Entities Sentences/*.txt')
     out = {}
     for split in self.builder_config.splits:
-      lst = C.require_file(os.path.join(root, f'{split}.txt'), f'Flickr30k Entities {split} image ids')
+      lst = R.require_file(os.path.join(root, f'{split}.txt'), f'Flickr30k Entities {split} image ids')
       with open(lst) as f:
         ids = [t.strip() for t in f if t.strip()]
       out[split] = self._generate_examples(root, split, ids)
@@ -164,13 +165,13 @@ class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__mai
       ann_path = os.path.join(root, 'Annotations', f'{image_id}.xml')
       ann = parse_annotation(ann_path)
       path = os.path.join(root, 'flickr30k-images', f'{image_id}.jpg')
-      got = C.read_image(path)
+      got = R.read_image(path)
       if got is None:
         self._missing(split, path, sum(len(s['phrases']) for s in sents))
         continue
       data, h, w = got
       if (h, w) != (ann['height'], ann['width']):
-        raise C.AnnotationError(ann_path, 'size', f'{ann["height"]}x{ann["width"]} differs from the '
+        raise R.AnnotationError(ann_path, 'size', f'{ann["height"]}x{ann["width"]} differs from the '
                                 f'image ({h}x{w})')
       phrases = [(si, p) for si, s in enumerate(sents) for p in s['phrases']]
       boxes = [(eid, b) for eid in sorted(ann['boxes']) for b in ann['boxes'][eid]]
@@ -185,7 +186,7 @@ class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__mai
           'phrase_types': ['/'.join(p['phrase_type']) for _, p in phrases],
           'phrase_has_box': np.asarray([p['phrase_id'] in ann['boxes'] for _, p in phrases], np.bool_),
           # 1-based inclusive pixel indices -> continuous [x0, y0, x1, y1]
-          'boxes': C.boxes_array([[b[0] - 1, b[1] - 1, b[2], b[3]] for _, b in boxes]),
+          'boxes': R.boxes_array([[b[0] - 1, b[1] - 1, b[2], b[3]] for _, b in boxes]),
           'box_entity': np.asarray([e for e, _ in boxes], np.int32),
           'scene_entities': np.asarray(sorted(set(ann['scene'])), np.int32),
           'nobox_entities': np.asarray(sorted(set(ann['nobox'])), np.int32),
@@ -193,8 +194,8 @@ class TraceFlickr30kEntities(C.RealBuilder, skip_registration=__name__ == "__mai
 
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'default', **kw):
-  return C.prepare(TraceFlickr30kEntities, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceFlickr30kEntities, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'default', TraceFlickr30kEntities))
+  raise SystemExit(B.main(prepare, 'default', TraceFlickr30kEntities))

@@ -24,7 +24,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import readers as R
 
 COLUMNS = dict(image_id='dicom_id', category='category_name', text='label_text', path='path',
                x='x', y='y', w='w', h='h', image_width='image_width', image_height='image_height',
@@ -42,13 +43,13 @@ class MsCxrConfig(tfds.core.BuilderConfig):
 
 def read_rows(path: str, columns: dict) -> list[dict]:
   """CSV rows with our field names; AnnotationError names the file, the column and the line."""
-  C.require_file(path, 'MS-CXR style CSV (image path, text, box)')
+  R.require_file(path, 'MS-CXR style CSV (image path, text, box)')
   with open(path, newline='', encoding='utf-8') as f:
     reader = csv.DictReader(f)
     header = reader.fieldnames or []
     for k in REQUIRED:
       if columns[k] not in header:
-        raise C.AnnotationError(path, columns[k], f'column missing (header: {header})')
+        raise R.AnnotationError(path, columns[k], f'column missing (header: {header})')
     rows = []
     for ln, r in enumerate(reader, start=2):
       row = {k: r.get(c) for k, c in columns.items() if c in header}
@@ -57,12 +58,12 @@ def read_rows(path: str, columns: dict) -> list[dict]:
           try:
             row[k] = float(row[k])
           except (TypeError, ValueError):
-            raise C.AnnotationError(path, f'{columns[k]} (line {ln})', f'not a number: {row[k]!r}') from None
+            raise R.AnnotationError(path, f'{columns[k]} (line {ln})', f'not a number: {row[k]!r}') from None
       rows.append(row)
   return rows
 
 
-class TraceMsCxr(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceMsCxr(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """MS-CXR phrase grounding (name 'trace_mscxr')."""
 
   name = 'trace_mscxr'
@@ -75,9 +76,9 @@ class TraceMsCxr(C.RealBuilder, skip_registration=__name__ == "__main__"):
 
   def _info(self):
     f = tfds.features.FeaturesDict({
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Text(), 'path': tfds.features.Text(),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Text(), 'path': tfds.features.Text(),
         'height': tfds.features.Scalar(np.int32), 'width': tfds.features.Scalar(np.int32),
-        'text': tfds.features.Text(), 'category': tfds.features.Text(), 'boxes': C.floats(None, 4),
+        'text': tfds.features.Text(), 'category': tfds.features.Text(), 'boxes': B.floats(None, 4),
     })
     return tfds.core.DatasetInfo(builder=self, description=__doc__, features=f,
                                  disable_shuffling=True, metadata=self._metadata())
@@ -98,7 +99,7 @@ class TraceMsCxr(C.RealBuilder, skip_registration=__name__ == "__main__"):
     self._publish_skips()
     for k, ((rel, text), rows) in enumerate(groups.items()):
       path = os.path.join(root, self.builder_config.image_root, rel)
-      got = C.read_image(path)
+      got = R.read_image(path)
       if got is None:
         self._missing(split, path, len(rows))
         continue
@@ -107,17 +108,17 @@ class TraceMsCxr(C.RealBuilder, skip_registration=__name__ == "__main__"):
       for r in rows:
         sx = w / r['image_width'] if r.get('image_width') else 1.0
         sy = h / r['image_height'] if r.get('image_height') else 1.0
-        boxes.append(C.xywh_to_xyxy([r['x'] * sx, r['y'] * sy, r['w'] * sx, r['h'] * sy]))
+        boxes.append(R.xywh_to_xyxy([r['x'] * sx, r['y'] * sy, r['w'] * sx, r['h'] * sy]))
       yield k, {
           'image': data, 'image_id': rows[0].get('image_id') or os.path.splitext(os.path.basename(rel))[0],
           'path': rel, 'height': h, 'width': w, 'text': text.strip(),
-          'category': rows[0].get('category') or '', 'boxes': C.boxes_array(boxes),
+          'category': rows[0].get('category') or '', 'boxes': R.boxes_array(boxes),
       }
 
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'v1_1_0', **kw):
-  return C.prepare(TraceMsCxr, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceMsCxr, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'v1_1_0', TraceMsCxr))
+  raise SystemExit(B.main(prepare, 'v1_1_0', TraceMsCxr))

@@ -31,7 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import masks as M
+from trace_jax.data.real import readers as R
 
 DATASETS = {  # config name -> (folder, splitBy)
     'refcoco_unc': ('refcoco', 'unc'), 'refcoco_google': ('refcoco', 'google'),
@@ -49,25 +51,25 @@ class RefConfig(tfds.core.BuilderConfig):
 
 def load_refs(path: str) -> list[dict]:
   """The REFER refs pickle (written by Python 2: latin1 for its byte strings)."""
-  C.require_file(path, 'REFER refs pickle')
+  R.require_file(path, 'REFER refs pickle')
   try:
     with open(path, 'rb') as f:
       refs = pickle.load(f, encoding='latin1')
   except Exception as e:  # UnpicklingError, EOFError, ...
-    raise C.AnnotationError(path, '<file>', f'not a readable pickle ({e})') from None
+    raise R.AnnotationError(path, '<file>', f'not a readable pickle ({e})') from None
   if not isinstance(refs, list):
-    raise C.AnnotationError(path, '<root>', f'expected a list of refs, got {type(refs).__name__}')
+    raise R.AnnotationError(path, '<root>', f'expected a list of refs, got {type(refs).__name__}')
   for i, r in enumerate(refs):
     w = f'refs[{i}]'
     for key, t in (('ref_id', int), ('ann_id', int), ('image_id', int), ('split', str),
                    ('sentences', list), ('category_id', int)):
-      C.get(r, key, path, w, t)
+      R.get(r, key, path, w, t)
     for j, s in enumerate(r['sentences']):
-      C.get(s, 'sent', path, f'{w}.sentences[{j}]', str)
+      R.get(s, 'sent', path, f'{w}.sentences[{j}]', str)
   return refs
 
 
-class TraceRefcoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceRefcoco(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """RefCOCO / RefCOCO+ / RefCOCOg (name 'trace_refcoco')."""
 
   name = 'trace_refcoco'
@@ -79,17 +81,17 @@ class TraceRefcoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
 
   def _info(self):
     f = tfds.features.FeaturesDict({
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
         'file_name': tfds.features.Text(), 'height': tfds.features.Scalar(np.int32),
         'width': tfds.features.Scalar(np.int32),
         # all COCO instances of the image
-        'ann_id': C.ints(None, dtype=np.int64), 'category_id': C.ints(None),
-        'boxes': C.floats(None, 4), 'masks': C.bytes_list(),
+        'ann_id': B.ints(None, dtype=np.int64), 'category_id': B.ints(None),
+        'boxes': B.floats(None, 4), 'masks': B.bytes_list(),
         # refs of this split on the image
-        'ref_id': C.ints(None, dtype=np.int64), 'ref_ann_id': C.ints(None, dtype=np.int64),
-        'ref_object': C.ints(None), 'ref_category_id': C.ints(None), 'ref_boxes': C.floats(None, 4),
-        'sentences': C.texts(), 'sentences_raw': C.texts(), 'sentence_ref': C.ints(None),
-        'sent_id': C.ints(None, dtype=np.int64),
+        'ref_id': B.ints(None, dtype=np.int64), 'ref_ann_id': B.ints(None, dtype=np.int64),
+        'ref_object': B.ints(None), 'ref_category_id': B.ints(None), 'ref_boxes': B.floats(None, 4),
+        'sentences': B.texts(), 'sentences_raw': B.texts(), 'sentence_ref': B.ints(None),
+        'sent_id': B.ints(None, dtype=np.int64),
     })
     return tfds.core.DatasetInfo(builder=self, description=__doc__, features=f,
                                  disable_shuffling=True, metadata=self._metadata())
@@ -101,34 +103,34 @@ class TraceRefcoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
     refs_path = os.path.join(folder, f'refs({cfg.split_by}).p')
     inst_path = os.path.join(folder, 'instances.json')
     refs = load_refs(refs_path)
-    js = C.load_json(inst_path, f'{cfg.dataset} COCO instances (images, annotations, categories)')
+    js = R.load_json(inst_path, f'{cfg.dataset} COCO instances (images, annotations, categories)')
     images = {}
-    for i, im in enumerate(C.get_list(js, 'images', inst_path)):
+    for i, im in enumerate(R.get_list(js, 'images', inst_path)):
       w = f'images[{i}]'
-      images[C.get(im, 'id', inst_path, w, int)] = (C.get(im, 'file_name', inst_path, w, str),
-                                                    C.get(im, 'height', inst_path, w, int),
-                                                    C.get(im, 'width', inst_path, w, int))
+      images[R.get(im, 'id', inst_path, w, int)] = (R.get(im, 'file_name', inst_path, w, str),
+                                                    R.get(im, 'height', inst_path, w, int),
+                                                    R.get(im, 'width', inst_path, w, int))
     anns_by_image: dict[int, list] = {}
     ann_index = {}
-    for i, a in enumerate(C.get_list(js, 'annotations', inst_path)):
+    for i, a in enumerate(R.get_list(js, 'annotations', inst_path)):
       w = f'annotations[{i}]'
       for key in ('id', 'image_id', 'category_id', 'segmentation'):
-        C.get(a, key, inst_path, w)
-      C.get_box(a, 'bbox', inst_path, w)
+        R.get(a, key, inst_path, w)
+      R.get_box(a, 'bbox', inst_path, w)
       anns_by_image.setdefault(a['image_id'], []).append((i, a))
       ann_index[a['id']] = a
     for i, r in enumerate(refs):
       if r['ann_id'] not in ann_index:
-        raise C.AnnotationError(refs_path, f'refs[{i}].ann_id', f'{r["ann_id"]} not in {inst_path}')
+        raise R.AnnotationError(refs_path, f'refs[{i}].ann_id', f'{r["ann_id"]} not in {inst_path}')
       if r['image_id'] not in images:
-        raise C.AnnotationError(refs_path, f'refs[{i}].image_id', f'{r["image_id"]} not in {inst_path}')
+        raise R.AnnotationError(refs_path, f'refs[{i}].image_id', f'{r["image_id"]} not in {inst_path}')
       if ann_index[r['ann_id']]['image_id'] != r['image_id']:
-        raise C.AnnotationError(refs_path, f'refs[{i}].ann_id', f'annotation {r["ann_id"]} belongs to '
+        raise R.AnnotationError(refs_path, f'refs[{i}].ann_id', f'annotation {r["ann_id"]} belongs to '
                                 f'image {ann_index[r["ann_id"]]["image_id"]}, not {r["image_id"]}')
     image_dir = next((os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))),
                      None)
     if image_dir is None:
-      C.require_dir(os.path.join(root, IMAGE_DIRS[0]), 'COCO train2014 images')
+      R.require_dir(os.path.join(root, IMAGE_DIRS[0]), 'COCO train2014 images')
     groups: dict[str, dict[int, list]] = {}
     for r in refs:
       groups.setdefault(r['split'], {}).setdefault(r['image_id'], []).append(r)
@@ -142,13 +144,13 @@ class TraceRefcoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
       refs = sorted(by_image[image_id], key=lambda r: r['ref_id'])
       file_name, h0, w0 = images[image_id]
       path = os.path.join(image_dir, file_name)
-      got = C.read_image(path)
+      got = R.read_image(path)
       if got is None:
         self._missing(split, path, len(refs))
         continue
       data, h, w = got
       if (h, w) != (h0, w0):
-        raise C.AnnotationError(inst_path, f'images[id={image_id}].height/width',
+        raise R.AnnotationError(inst_path, f'images[id={image_id}].height/width',
                                 f'{h0}x{w0} differs from the file ({h}x{w})')
       objs = anns_by_image.get(image_id, [])
       pos = {a['id']: k for k, (_, a) in enumerate(objs)}
@@ -163,23 +165,23 @@ class TraceRefcoco(C.RealBuilder, skip_registration=__name__ == "__main__"):
           'image': data, 'image_id': image_id, 'file_name': file_name, 'height': h, 'width': w,
           'ann_id': np.asarray([a['id'] for _, a in objs], np.int64),
           'category_id': np.asarray([a['category_id'] for _, a in objs], np.int32),
-          'boxes': C.boxes_array([C.xywh_to_xyxy(a['bbox']) for _, a in objs]),
-          'masks': np.asarray([C.encode_png(C.coco_segmentation_to_mask(
+          'boxes': R.boxes_array([R.xywh_to_xyxy(a['bbox']) for _, a in objs]),
+          'masks': np.asarray([M.encode_png(M.coco_segmentation_to_mask(
               a['segmentation'], h, w, inst_path, f'annotations[{i}].segmentation'))
               for i, a in objs], dtype=object).reshape(-1),
           'ref_id': np.asarray([r['ref_id'] for r in refs], np.int64),
           'ref_ann_id': np.asarray([r['ann_id'] for r in refs], np.int64),
           'ref_object': np.asarray([pos[r['ann_id']] for r in refs], np.int32),
           'ref_category_id': np.asarray([r['category_id'] for r in refs], np.int32),
-          'ref_boxes': C.boxes_array([C.xywh_to_xyxy(objs[pos[r['ann_id']]][1]['bbox']) for r in refs]),
+          'ref_boxes': R.boxes_array([R.xywh_to_xyxy(objs[pos[r['ann_id']]][1]['bbox']) for r in refs]),
           'sentences': sentences, 'sentences_raw': raw,
           'sentence_ref': np.asarray(sent_ref, np.int32), 'sent_id': np.asarray(sent_id, np.int64),
       }
 
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'refcoco_unc', **kw) -> TraceRefcoco:
-  return C.prepare(TraceRefcoco, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceRefcoco, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'refcoco_unc', TraceRefcoco))
+  raise SystemExit(B.main(prepare, 'refcoco_unc', TraceRefcoco))

@@ -35,7 +35,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import readers as R
 
 KINDS = ('region', 'object', 'spatial')
 IMAGE_DIRS = ('VG_100K', 'VG_100K_2')
@@ -79,20 +80,20 @@ def spatial_prompts(name: str, boxes: np.ndarray, width: int, height: int) -> li
 
 def _xyxy(o, path, where, width, height):
   for k in ('x', 'y', 'w', 'h'):
-    v = C.get(o, k, path, where)
+    v = R.get(o, k, path, where)
     if not isinstance(v, (int, float)):
-      raise C.AnnotationError(path, f'{where}.{k}', f'expected a number, got {v!r}')
-  x0, y0, x1, y1 = C.xywh_to_xyxy([o['x'], o['y'], o['w'], o['h']])
+      raise R.AnnotationError(path, f'{where}.{k}', f'expected a number, got {v!r}')
+  x0, y0, x1, y1 = R.xywh_to_xyxy([o['x'], o['y'], o['w'], o['h']])
   return [max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)]
 
 
 def _region_xyxy(r, path, where, width, height):
-  q = dict(x=C.get(r, 'x', path, where), y=C.get(r, 'y', path, where),
-           w=C.get(r, 'width', path, where), h=C.get(r, 'height', path, where))
+  q = dict(x=R.get(r, 'x', path, where), y=R.get(r, 'y', path, where),
+           w=R.get(r, 'width', path, where), h=R.get(r, 'height', path, where))
   return _xyxy(q, path, where, width, height)
 
 
-class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceVisualGenome(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """Visual Genome AMC triplets (name 'trace_visual_genome')."""
 
   name = 'trace_visual_genome'
@@ -105,10 +106,10 @@ class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__")
 
   def _info(self):
     f = tfds.features.FeaturesDict({
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Scalar(np.int64),
         'height': tfds.features.Scalar(np.int32), 'width': tfds.features.Scalar(np.int32),
-        'prompts': C.texts(), 'boxes': C.floats(None, 4), 'kind': C.ints(None),
-        'source_id': C.ints(None, dtype=np.int64),
+        'prompts': B.texts(), 'boxes': B.floats(None, 4), 'kind': B.ints(None),
+        'source_id': B.ints(None, dtype=np.int64),
     })
     md = self._metadata()
     md['kinds'] = list(KINDS)
@@ -121,42 +122,42 @@ class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__")
     cfg = self.builder_config
     p = os.path.join(root, 'image_data.json')
     images = {}
-    for i, im in enumerate(self._as_list(C.load_json(p, 'VG image metadata'), p)):
+    for i, im in enumerate(self._as_list(R.load_json(p, 'VG image metadata'), p)):
       w = f'[{i}]'
       iid = im.get('image_id', im.get('id')) if isinstance(im, dict) else None
       if not isinstance(iid, int):
-        raise C.AnnotationError(p, f'{w}.image_id', 'missing or not an integer')
-      images[iid] = dict(width=C.get(im, 'width', p, w, int), height=C.get(im, 'height', p, w, int),
+        raise R.AnnotationError(p, f'{w}.image_id', 'missing or not an integer')
+      images[iid] = dict(width=R.get(im, 'width', p, w, int), height=R.get(im, 'height', p, w, int),
                          url=im.get('url', ''))
     objects, attrs, regions = {}, {}, {}
     if cfg.objects:
       p = os.path.join(root, 'objects.json')
-      for i, e in enumerate(self._as_list(C.load_json(p, 'VG objects'), p)):
-        objects[self._image_id(e, p, f'[{i}]')] = (i, C.get_list(e, 'objects', p, f'[{i}]'))
+      for i, e in enumerate(self._as_list(R.load_json(p, 'VG objects'), p)):
+        objects[self._image_id(e, p, f'[{i}]')] = (i, R.get_list(e, 'objects', p, f'[{i}]'))
       p = os.path.join(root, 'attributes.json')
-      for i, e in enumerate(self._as_list(C.load_json(p, 'VG attributes'), p)):
-        for j, o in enumerate(C.get_list(e, 'attributes', p, f'[{i}]')):
+      for i, e in enumerate(self._as_list(R.load_json(p, 'VG attributes'), p)):
+        for j, o in enumerate(R.get_list(e, 'attributes', p, f'[{i}]')):
           oid = o.get('object_id', o.get('id')) if isinstance(o, dict) else None
           if oid is None:
-            raise C.AnnotationError(p, f'[{i}].attributes[{j}].object_id', 'missing')
+            raise R.AnnotationError(p, f'[{i}].attributes[{j}].object_id', 'missing')
           attrs[oid] = [str(a) for a in (o.get('attributes') or [])]
     if cfg.regions:
       p = os.path.join(root, 'region_descriptions.json')
-      for i, e in enumerate(self._as_list(C.load_json(p, 'VG region descriptions'), p)):
-        regions[self._image_id(e, p, f'[{i}]')] = (i, C.get_list(e, 'regions', p, f'[{i}]'))
+      for i, e in enumerate(self._as_list(R.load_json(p, 'VG region descriptions'), p)):
+        regions[self._image_id(e, p, f'[{i}]')] = (i, R.get_list(e, 'regions', p, f'[{i}]'))
     return {'train': self._generate_examples(root, images, objects, attrs, regions)}
 
   @staticmethod
   def _as_list(js, path):
     if not isinstance(js, list):
-      raise C.AnnotationError(path, '<root>', f'expected a list, got {type(js).__name__}')
+      raise R.AnnotationError(path, '<root>', f'expected a list, got {type(js).__name__}')
     return js
 
   @staticmethod
   def _image_id(e, path, where):
     iid = e.get('image_id', e.get('id')) if isinstance(e, dict) else None
     if not isinstance(iid, int):
-      raise C.AnnotationError(path, f'{where}.image_id', 'missing or not an integer')
+      raise R.AnnotationError(path, f'{where}.image_id', 'missing or not an integer')
     return iid
 
   def _image_path(self, root, image_id, url):
@@ -177,7 +178,7 @@ class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__")
         w = f'[{i}].regions[{j}]'
         b = _region_xyxy(r, p, w, width, height)
         if (b[2] - b[0]) * (b[3] - b[1]) >= min_area:
-          out.append((str(C.get(r, 'phrase', p, w, str)).strip(), b, 0,
+          out.append((str(R.get(r, 'phrase', p, w, str)).strip(), b, 0,
                       int(r.get('region_id', r.get('id', -1)))))
     if image_id in objects:
       i, objs = objects[image_id]
@@ -187,7 +188,7 @@ class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__")
         w = f'[{i}].objects[{j}]'
         names = o.get('names', [o['name']] if 'name' in o else None) if isinstance(o, dict) else None
         if not names:
-          raise C.AnnotationError(p, f'{w}.names', 'missing or empty')
+          raise R.AnnotationError(p, f'{w}.names', 'missing or empty')
         name = str(names[0]).strip().lower()
         b = _xyxy(o, p, w, width, height)
         if (b[2] - b[0]) * (b[3] - b[1]) < min_area:
@@ -212,28 +213,28 @@ class TraceVisualGenome(C.RealBuilder, skip_registration=__name__ == "__main__")
       meta = images[image_id]
       trip = self.triplets(image_id, meta['width'], meta['height'], objects, attrs, regions)
       path = self._image_path(root, image_id, meta['url'])
-      got = C.read_image(path)
+      got = R.read_image(path)
       if got is None:
         self._missing('train', path, max(1, len(trip)))
         continue
       data, h, w = got
       if (h, w) != (meta['height'], meta['width']):
         # VG image_data.json sizes are those of the released files; a mismatch means a wrong file.
-        raise C.AnnotationError(os.path.join(root, 'image_data.json'), f'image_id={image_id}.width/height',
+        raise R.AnnotationError(os.path.join(root, 'image_data.json'), f'image_id={image_id}.width/height',
                                 f'{meta["width"]}x{meta["height"]} differs from the file ({w}x{h})')
       if not trip:
         continue
       yield image_id, {
           'image': data, 'image_id': image_id, 'height': h, 'width': w,
-          'prompts': [t[0] for t in trip], 'boxes': C.boxes_array([t[1] for t in trip]),
+          'prompts': [t[0] for t in trip], 'boxes': R.boxes_array([t[1] for t in trip]),
           'kind': np.asarray([t[2] for t in trip], np.int32),
           'source_id': np.asarray([t[3] for t in trip], np.int64),
       }
 
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'amc', **kw):
-  return C.prepare(TraceVisualGenome, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceVisualGenome, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'amc', TraceVisualGenome))
+  raise SystemExit(B.main(prepare, 'amc', TraceVisualGenome))

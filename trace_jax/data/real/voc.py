@@ -31,7 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.real import common as C
+from trace_jax.data.real import builder as B
+from trace_jax.data.real import masks as M
+from trace_jax.data.real import readers as R
 
 VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
                'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
@@ -47,19 +49,19 @@ class VocConfig(tfds.core.BuilderConfig):
 
 def read_label_list(path: str) -> list[tuple[int, str]]:
   """'<id>: <name>' lines -> [(id, name)]."""
-  C.require_file(path, 'PASCAL-Context class list ("<id>: <name>" per line)')
+  R.require_file(path, 'PASCAL-Context class list ("<id>: <name>" per line)')
   out = []
   with open(path, encoding='utf-8') as f:
     for ln, line in enumerate(f):
       if not line.strip():
         continue
       if ':' not in line:
-        raise C.AnnotationError(path, f'line {ln + 1}', f'expected "<id>: <name>", got {line.strip()!r}')
+        raise R.AnnotationError(path, f'line {ln + 1}', f'expected "<id>: <name>", got {line.strip()!r}')
       i, name = line.split(':', 1)
       try:
         out.append((int(i), name.strip()))
       except ValueError:
-        raise C.AnnotationError(path, f'line {ln + 1}', f'id {i!r} is not an integer') from None
+        raise R.AnnotationError(path, f'line {ln + 1}', f'id {i!r} is not an integer') from None
   return out
 
 
@@ -69,13 +71,13 @@ def read_context_mat(path: str) -> np.ndarray:
   try:
     mat = scipy.io.loadmat(path)
   except Exception as e:
-    raise C.AnnotationError(path, '<file>', f'not a readable MATLAB file ({e})') from None
+    raise R.AnnotationError(path, '<file>', f'not a readable MATLAB file ({e})') from None
   if 'LabelMap' not in mat:
-    raise C.AnnotationError(path, 'LabelMap', 'missing')
+    raise R.AnnotationError(path, 'LabelMap', 'missing')
   return np.asarray(mat['LabelMap']).astype(np.int64)
 
 
-class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
+class TraceVoc(B.RealBuilder, skip_registration=__name__ == "__main__"):
   """PASCAL VOC 2012 and PASCAL-Context semantic segmentation (name 'trace_voc')."""
 
   name = 'trace_voc'
@@ -88,9 +90,9 @@ class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
 
   def _info(self):
     f = tfds.features.FeaturesDict({
-        'image': C.IMAGE_BYTES(), 'image_id': tfds.features.Text(),
+        'image': B.IMAGE_BYTES(), 'image_id': tfds.features.Text(),
         'height': tfds.features.Scalar(np.int32), 'width': tfds.features.Scalar(np.int32),
-        'label_map': C.PNG_BYTES(), 'labels': C.ints(None),
+        'label_map': B.PNG_BYTES(), 'labels': B.ints(None),
     })
     md = self._metadata()
     if self.builder_config.kind == 'voc2012':
@@ -104,13 +106,13 @@ class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
     if kind == 'voc2012':
       base = os.path.join(root, 'VOCdevkit', 'VOC2012')
       sets = os.path.join(base, 'ImageSets', 'Segmentation')
-      C.require_dir(os.path.join(base, 'SegmentationClass'), 'VOC2012 SegmentationClass PNGs')
+      R.require_dir(os.path.join(base, 'SegmentationClass'), 'VOC2012 SegmentationClass PNGs')
       lut = None
     elif kind in ('context59', 'context459'):
       base = os.path.join(root, 'VOCdevkit', 'VOC2010')
       sets = os.path.join(base, 'ImageSets', 'Main')
       ctx = os.path.join(root, 'pascal_context')
-      C.require_dir(os.path.join(ctx, 'trainval'), 'PASCAL-Context trainval/*.mat')
+      R.require_dir(os.path.join(ctx, 'trainval'), 'PASCAL-Context trainval/*.mat')
       full = read_label_list(os.path.join(ctx, 'labels.txt'))
       if kind == 'context459':
         names = ['unlabeled'] + [''] * max(i for i, _ in full)
@@ -124,7 +126,7 @@ class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
         names = ['background']
         for k, (_, n) in enumerate(sub):
           if n not in by_name:
-            raise C.AnnotationError(os.path.join(ctx, '59_labels.txt'), f'class {n!r}',
+            raise R.AnnotationError(os.path.join(ctx, '59_labels.txt'), f'class {n!r}',
                                     'not found in labels.txt')
           lut[by_name[n]] = k + 1
           names.append(n)
@@ -133,7 +135,7 @@ class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
       raise ValueError(f"unknown kind {kind!r}; expected 'voc2012', 'context59' or 'context459'")
     out = {}
     for split in self.builder_config.splits:
-      lst = C.require_file(os.path.join(sets, f'{split}.txt'), f'{split} image id list')
+      lst = R.require_file(os.path.join(sets, f'{split}.txt'), f'{split} image id list')
       with open(lst) as f:
         ids = [t.split()[0] for t in f if t.strip()]
       out[split] = self._generate_examples(root, base, split, ids, lut)
@@ -151,33 +153,33 @@ class TraceVoc(C.RealBuilder, skip_registration=__name__ == "__main__"):
         self._missing(split, lab_path, 1, kind='label_map')
         continue
       path = os.path.join(base, 'JPEGImages', f'{image_id}.jpg')
-      got = C.read_image(path)
+      got = R.read_image(path)
       if got is None:
         self._missing(split, path, 1)
         continue
       data, h, w = got
       if kind == 'voc2012':
-        lab = C.read_label_png(lab_path).astype(np.int64)
+        lab = M.read_label_png(lab_path).astype(np.int64)
       else:
         lab = read_context_mat(lab_path)
         if lut is not None:
           if lab.size and lab.max() >= len(lut):
-            raise C.AnnotationError(lab_path, 'LabelMap', f'class {lab.max()} not in labels.txt')
+            raise R.AnnotationError(lab_path, 'LabelMap', f'class {lab.max()} not in labels.txt')
           lab = lut[lab]
       if lab.shape != (h, w):
-        raise C.AnnotationError(lab_path, '<pixels>', f'label map is {lab.shape}, image is {(h, w)}')
+        raise R.AnnotationError(lab_path, '<pixels>', f'label map is {lab.shape}, image is {(h, w)}')
       present = np.unique(lab)
       present = present[(present != 0) & (present != VOID if kind != 'context459' else True)]
       yield image_id, {
           'image': data, 'image_id': image_id, 'height': h, 'width': w,
-          'label_map': C.encode_png(lab.astype(np.uint16 if kind == 'context459' else np.uint8)),
+          'label_map': M.encode_png(lab.astype(np.uint16 if kind == 'context459' else np.uint8)),
           'labels': present.astype(np.int32),
       }
 
 
 def prepare(manual_dir: str, data_dir: str | None = None, config: str = 'voc2012', **kw):
-  return C.prepare(TraceVoc, manual_dir, data_dir, config, **kw)
+  return B.prepare(TraceVoc, manual_dir, data_dir, config, **kw)
 
 
 if __name__ == "__main__":
-  raise SystemExit(C.main(prepare, 'voc2012', TraceVoc))
+  raise SystemExit(B.main(prepare, 'voc2012', TraceVoc))

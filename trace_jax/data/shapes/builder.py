@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from trace_jax.data.shapes import render
+from trace_jax.data.shapes import scene
+from trace_jax.data.shapes.concepts import load_concepts
 
 DEFAULT_SPLIT_SIZES = {'train': 4000, 'validation': 500, 'test': 500, 'heldout': 500, 'openvocab': 500}
 IMAGE_SIZES = (64, 112, 224)
@@ -46,7 +47,7 @@ def config_name(image_size: int, seed: int = 0, split_sizes: dict | None = None)
   if seed:
     name += f'_seed{int(seed)}'
   if split_sizes is not None and dict(split_sizes) != DEFAULT_SPLIT_SIZES:
-    name += '_' + '_'.join(f'{k}{int(split_sizes.get(k, 0))}' for k in render.SPLITS)
+    name += '_' + '_'.join(f'{k}{int(split_sizes.get(k, 0))}' for k in scene.SPLITS)
   return name
 
 
@@ -97,16 +98,16 @@ class TraceShapes(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ ==
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     sizes = self.builder_config.split_sizes
-    bad = set(sizes) - set(render.SPLITS)
+    bad = set(sizes) - set(scene.SPLITS)
     if bad:
-      raise ValueError(f'unknown splits {sorted(bad)}; expected a subset of {render.SPLITS}')
-    return {split: self._generate_examples(split) for split in render.SPLITS if sizes.get(split, 0) > 0}
+      raise ValueError(f'unknown splits {sorted(bad)}; expected a subset of {scene.SPLITS}')
+    return {split: self._generate_examples(split) for split in scene.SPLITS if sizes.get(split, 0) > 0}
 
   def _generate_examples(self, split):
     cfg = self.builder_config
-    concepts = render.load_concepts()
+    concepts = load_concepts()
     for i in range(int(cfg.split_sizes[split])):
-      yield i, render.generate_example(cfg.seed, split, i, cfg.image_size, concepts)
+      yield i, scene.generate_example(cfg.seed, split, i, cfg.image_size, concepts)
 
 
 def make_builder(image_size: int = 64, data_dir: str | None = None, *, seed: int = 0,

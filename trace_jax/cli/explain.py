@@ -22,9 +22,10 @@ import argparse
 import csv
 import json
 import os
-import sys
 
 import numpy as np
+
+from trace_jax.cli import common
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
@@ -67,13 +68,6 @@ def parse_settings(items) -> dict:
   return out
 
 
-def _tokenize(tok, texts, ctx):
-  ids = np.asarray(tok(list(texts)), np.int32)
-  if ids.shape[1] > ctx:
-    raise ValueError(f"tokenizer made rows of {ids.shape[1]} tokens; the model's context is {ctx}")
-  return ids
-
-
 def _token_strings(tok, text, ids_row) -> list[str]:
   """Strings of the tokens at row positions 1..eot-1 (between start and end tokens)."""
   eot = int(np.argmax(ids_row))
@@ -100,40 +94,23 @@ def _text_scores(text_attr, ids_row) -> np.ndarray:
 
 
 class Runner:
-  """Loads the model once; ``run(images, ids, texts) -> dict of numpy arrays`` for any pairing."""
+  """The model dir (``common.load``) plus the method and its settings: ``run(images, ids) -> numpy dict``."""
 
   def __init__(self, args):
-    from trace_jax.model_dir import load_model
-    from trace_jax.models import build
-    self.cfg, self.params = load_model(args.checkpoint)
-    self.model = build(self.cfg)
+    self.m = common.load(args.checkpoint, tokenizer_for="--text" if (args.text or args.csv) else None)
+    self.cfg, self.params, self.model, self.tok = self.m.cfg, self.m.params, self.m.model, self.m.tokenizer
     self.method = args.method
     self.settings = parse_settings(args.set)
     if self.method == "m2ib":  # M2IB's official map is 224 px; here: the input image size
       self.settings.setdefault("out_size", None)
     self.size = args.image_size or self.cfg.vision.image_size
     self.resize = args.resize
-    self.tok = None
-    if args.text or args.csv:
-      from trace_jax.tokenizers import load_tokenizer
-      self.tok = load_tokenizer(args.checkpoint)
 
   def load_images(self, paths):
-    try:
-      from trace_jax.data.preprocess import load_images
-    except ImportError:  # pragma: no cover - the data package ships with trace_jax
-      load_images = None
-    if load_images is not None:
-      return load_images(paths, self.size, self.resize)
-    from PIL import Image
-    from trace_jax.utils.overlay import MEAN, STD
-    arr = [np.asarray(Image.open(p).convert("RGB").resize((self.size, self.size), Image.BICUBIC)) for p in paths]
-    return ((np.stack(arr).astype(np.float32) / 255.0) - MEAN) / STD
+    return self.m.images(paths, self.size, self.resize)
 
   def tokenize(self, texts):
-    if self.tok is None:
-      raise ValueError("--text needs a tokenizer in the model directory (DIR/tokenizer/); use --token-ids")
-    return _tokenize(self.tok, texts, self.cfg.text.context_length)
+    return self.m.tokenize(texts, "--text")
 
   def run(self, images, ids) -> dict:
     from trace_jax.attribution.api import explain
@@ -176,13 +153,10 @@ def _single(args, runner) -> int:
     images = runner.load_images([args.image])
     names = [args.image]
   else:
-    images = np.load(args.pixels).astype(np.float32)
-    images = images[None] if images.ndim == 3 else images
+    images = common.load_pixels(args.pixels)
     names = [args.pixels] * images.shape[0]
   if args.token_ids:
-    ids = np.load(args.token_ids)
-    ids = ids[None] if ids.ndim == 1 else ids
-    ids = ids.astype(np.int32)
+    ids = common.load_token_ids(args.token_ids)
     texts = None
   else:
     texts = args.text
@@ -273,15 +247,11 @@ def _batch(args, runner) -> int:
 
 
 def run(args) -> int:
-  try:
-    if (args.image or args.pixels) and not (args.text or args.token_ids):
-      raise ValueError("give --text or --token-ids")
-    if args.text and args.token_ids:
-      raise ValueError("give --text or --token-ids, not both")
-    if (args.image or args.pixels) and not (args.out or args.out_npz):
-      raise ValueError("give --out PNG and/or --out-npz FILE")
-    runner = Runner(args)
-    return _batch(args, runner) if (args.csv or args.folder) else _single(args, runner)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"trace-jax explain: error: {e}", file=sys.stderr)
-    return 2
+  if (args.image or args.pixels) and not (args.text or args.token_ids):
+    raise ValueError("give --text or --token-ids")
+  if args.text and args.token_ids:
+    raise ValueError("give --text or --token-ids, not both")
+  if (args.image or args.pixels) and not (args.out or args.out_npz):
+    raise ValueError("give --out PNG and/or --out-npz FILE")
+  runner = Runner(args)
+  return _batch(args, runner) if (args.csv or args.folder) else _single(args, runner)

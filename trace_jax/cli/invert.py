@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from trace_jax.cli import common
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True, help="trace_jax model directory")
@@ -38,54 +40,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_masks(paths) -> tuple[list[np.ndarray], list[str]]:
-  """-> per file [K, H, W] float32 and the PNG base names (one per mask)."""
+  """-> per file [K, H, W] float32 and the PNG base names (one per mask); ValueError naming the file."""
   from PIL import Image
+  from trace_jax.inversion.maskinversion import check_masks
+  if not paths:
+    raise ValueError("no mask files given (--masks M1.png [M2.npy ...])")
   arrays, names = [], []
   for path in paths:
     stem = os.path.splitext(path)[0]
     if path.endswith(".npy"):
-      m = np.load(path).astype(np.float32)
+      m = common.load_npy(path, "mask")
     else:
       try:
         with Image.open(path) as im:
           m = np.asarray(im.convert("L"), np.float32) / 255.0
       except OSError as e:
         raise ValueError(f"cannot read mask {path}: {e}") from e
-    if m.ndim == 2:
-      m = m[None]
-      names.append(f"{stem}_map.png")
-    elif m.ndim == 3:
-      names += [f"{stem}_map{k}.png" for k in range(m.shape[0])]
-    else:
+    if m.ndim not in (2, 3):
       raise ValueError(f"mask {path} must be [H, W] or [K, H, W]; got shape {m.shape}")
+    if m.size == 0:
+      raise ValueError(f"mask {path} holds no mask (shape {m.shape})")
+    # one name per mask: <mask>_map.png for an [H, W] mask, <mask>_map{k}.png for the K of [K, H, W]
+    names += [f"{stem}_map.png"] if m.ndim == 2 else [f"{stem}_map{k}.png" for k in range(m.shape[0])]
+    m = m[None] if m.ndim == 2 else m
+    empty = np.flatnonzero(np.asarray(m, np.float64).reshape(m.shape[0], -1).sum(-1) <= 0)
+    if empty.size:
+      which = "" if m.shape[0] == 1 else f" (masks {empty.tolist()} of {m.shape[0]})"
+      raise ValueError(f"mask {path}{which} is empty (all zero): there is no region to invert")
+    try:
+      m = check_masks(m)  # the library's own checks (finite, in [0, 1]), named by file here
+    except ValueError as e:
+      raise ValueError(f"mask {path}: {e}") from None
     arrays.append(m)
   return arrays, names
 
 
-def _read_lines(path):
-  with open(path) as f:
-    return [ln.strip() for ln in f if ln.strip()]
-
-
 def run(args) -> int:
   import jax.numpy as jnp
-  from trace_jax.model_dir import load_model
   from trace_jax.inversion.maskinversion import invert
-  from trace_jax.models import build, l2_normalize
+  from trace_jax.models import l2_normalize
 
-  cfg, params = load_model(args.checkpoint)
-  model = build(cfg)
-  size = args.image_size or cfg.vision.image_size
+  arrays, names = load_masks(args.masks)  # before the model: bad masks fail fast
+  classes = common.read_lines(args.classes) if args.classes else None
+  m = common.load(args.checkpoint, tokenizer_for="--classes" if classes else None)
+  model, params = m.model, m.params
   if args.image:
-    from trace_jax.data.preprocess import load_images
-    image = load_images([args.image], size, args.resize)[0]
+    image = m.images([args.image], args.image_size, args.resize)[0]
   else:
-    image = np.load(args.pixels).astype(np.float32)
-    if image.ndim == 4 and image.shape[0] == 1:
-      image = image[0]
-    if image.ndim != 3 or image.shape[-1] != 3:
-      raise ValueError(f"--pixels must hold [H, W, 3] or [1, H, W, 3]; got {image.shape}")
-  arrays, names = load_masks(args.masks)
+    image = common.load_pixels(args.pixels)
+    if image.shape[0] != 1:
+      raise ValueError(f"--pixels must hold one image [H, W, 3] or [1, H, W, 3]; got {image.shape}")
+    image = image[0]
   # Masks of one size form one call (one image forward); other sizes get their own call.
   by_size: dict = {}
   for a in arrays:
@@ -106,23 +111,20 @@ def run(args) -> int:
   lets = np.concatenate(lets)[inv]
   maps = [maps[j] for j in inv]
 
-  if args.classes:
+  if classes:
     from trace_jax.evaluation.zeroshot import SIMPLE_IMAGENET_TEMPLATES, class_text_embeddings
-    from trace_jax.tokenizers import load_tokenizer
-    classes = _read_lines(args.classes)
-    templates = _read_lines(args.templates) if args.templates else SIMPLE_IMAGENET_TEMPLATES
-    tok = load_tokenizer(args.checkpoint)
-    cls = class_text_embeddings(model, params, tok, classes, templates)
+    templates = common.read_lines(args.templates) if args.templates else SIMPLE_IMAGENET_TEMPLATES
+    cls = class_text_embeddings(model, params, m.tokenizer, classes, templates)
     sims = np.asarray(l2_normalize(jnp.asarray(lets)) @ cls.T)
     for k, name in enumerate(names):
       top = np.argsort(-sims[k])[:args.top]
       print(f"{name.replace('_map', '')}: " + ", ".join(f"{classes[c]} ({sims[k, c]:.3f})" for c in top))
   if not args.no_map_png:
     from PIL import Image
-    for name, m in zip(names, maps):
-      Image.fromarray(np.clip(np.round(m * 255), 0, 255).astype(np.uint8)).save(name)
+    for name, mp in zip(names, maps):
+      Image.fromarray(np.clip(np.round(mp * 255), 0, 255).astype(np.uint8)).save(name)
   if args.out_npz:
     np.savez(args.out_npz, lets=lets, mask_names=np.array(names),
              losses=np.stack(losses) if len({l.shape for l in losses}) == 1 else np.concatenate(losses),
-             **{f"map_{k}": m for k, m in enumerate(maps)})
+             **{f"map_{k}": mp for k, mp in enumerate(maps)})
   return 0

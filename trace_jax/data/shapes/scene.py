@@ -1,13 +1,14 @@
-"""Pure-NumPy scene generator of the embedded `trace_shapes` grounding dataset.
+"""Scene sampling of the embedded `trace_shapes` grounding dataset (pure NumPy).
 
 One call of `generate_example(seed, split, index, image_size)` returns one example as a dict of NumPy
-arrays and strings (exactly the tfds feature dict of builder.py). Everything is a function of
+arrays and strings: builder.py yields it unchanged as the tfds example. Everything is a function of
 (seed, split, index): the per-example generator is `np.random.default_rng([seed, split_id, index])`.
 
 Ground truth is exact by construction: a pixel belongs to an object iff its centre lies inside the
-object's shape (no anti-aliasing), objects are painted back to front, and the instance / semantic masks
-are the painter's record of which object (or which background "stuff") owns each pixel. Boxes and
-per-word pixel masks are derived from those masks.
+object's shape (no anti-aliasing; paint.py draws), objects are painted back to front, and the
+instance / semantic masks are the painter's record of which object (or which background "stuff") owns
+each pixel. Boxes and per-word pixel masks are derived from those masks. The concept hierarchy is
+concepts.py (concepts.json).
 
 Conventions (also in docs/data.md):
 - `instance[y, x]` = k + 1 for object k (objects listed back to front), 0 for background stuff.
@@ -18,13 +19,12 @@ Conventions (also in docs/data.md):
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import json
 import math
-import os
 
 import numpy as np
+
+from trace_jax.data.shapes import paint
+from trace_jax.data.shapes.concepts import Concepts, load_concepts
 
 SPLITS = ('train', 'validation', 'test', 'heldout', 'openvocab')
 SPLIT_IDS = {s: i for i, s in enumerate(SPLITS)}
@@ -47,234 +47,6 @@ P_TEXTURE_WORD = 0.7  # caption names a non-plain texture
 P_COARSE_NOUN = 0.15  # caption names a (non open-vocab) object by its coarse word
 SPATIAL_MARGIN = 0.12  # a spatial word needs a gap of at least this * S between box centres
 MAX_CAPTION_WORDS = MAX_OBJECTS * 5 + (MAX_OBJECTS - 1) + 4  # 33
-
-
-# ----------------------------------------------------------------------------------------------------
-# Concepts (the hierarchy, as data)
-
-
-@dataclasses.dataclass(frozen=True)
-class Concepts:
-  """concepts.json, with id lookups. Label id = index into `fine_names` (things, then stuff)."""
-  coarse_names: tuple[str, ...]
-  coarse_kind: tuple[str, ...]  # 'thing' | 'stuff'
-  fine_names: tuple[str, ...]
-  fine_coarse: tuple[int, ...]  # coarse id of each label
-  prepositions: dict
-  ground_stuff: tuple[int, ...]  # label ids that may lie under the sky
-  color_names: tuple[str, ...]
-  color_rgb: np.ndarray  # [C, 3] uint8
-  sizes: tuple[str, ...]
-  textures: tuple[str, ...]
-  function_words: tuple[str, ...]
-  heldout: frozenset  # {(color id, label id)}
-  open_vocab: frozenset  # {label id}
-
-  @property
-  def things(self) -> tuple[int, ...]:
-    return tuple(i for i, c in enumerate(self.fine_coarse) if self.coarse_kind[c] == 'thing')
-
-  @property
-  def stuff(self) -> tuple[int, ...]:
-    return tuple(i for i, c in enumerate(self.fine_coarse) if self.coarse_kind[c] == 'stuff')
-
-  @property
-  def num_labels(self) -> int:
-    return len(self.fine_names)
-
-  def label(self, name: str) -> int:
-    return self.fine_names.index(name)
-
-  def children(self, coarse: str) -> tuple[str, ...]:
-    """Fine names under a coarse concept (the hierarchy, coarse -> fine)."""
-    c = self.coarse_names.index(coarse)
-    return tuple(n for n, p in zip(self.fine_names, self.fine_coarse) if p == c)
-
-
-CONCEPTS_PATH = os.path.join(os.path.dirname(__file__), 'concepts.json')
-
-
-@functools.lru_cache(maxsize=8)
-def load_concepts(path: str = CONCEPTS_PATH) -> Concepts:
-  """Parses and validates concepts.json; raises ValueError naming the problem."""
-  with open(path) as f:
-    d = json.load(f)
-  coarse_names = tuple(c['name'] for c in d['coarse'])
-  coarse_kind = tuple(c['kind'] for c in d['coarse'])
-  if set(coarse_kind) - {'thing', 'stuff'}:
-    raise ValueError(f'{path}: coarse kinds must be "thing" or "stuff", got {set(coarse_kind)}')
-  fine_names = tuple(f['name'] for f in d['fine'])
-  for f in d['fine']:
-    if f['coarse'] not in coarse_names:
-      raise ValueError(f'{path}: fine concept {f["name"]!r} has unknown coarse {f["coarse"]!r}')
-  fine_coarse = tuple(coarse_names.index(f['coarse']) for f in d['fine'])
-  color_names = tuple(c['name'] for c in d['colors'])
-  words = list(coarse_names) + list(fine_names) + list(color_names) + d['sizes'] + d['textures']
-  if len(set(words)) != len(words):
-    raise ValueError(f'{path}: concept / attribute words must be distinct, got duplicates')
-  heldout = set()
-  for color, fine in d['heldout_combinations']:
-    if color not in color_names or fine not in fine_names:
-      raise ValueError(f'{path}: heldout combination {(color, fine)} names an unknown color or class')
-    heldout.add((color_names.index(color), fine_names.index(fine)))
-  for w in d['open_vocab']:
-    if w not in fine_names or coarse_kind[fine_coarse[fine_names.index(w)]] != 'thing':
-      raise ValueError(f'{path}: open-vocab word {w!r} is not a thing class')
-  prepositions = {fine_names.index(f['name']): f['preposition'] for f in d['fine'] if 'preposition' in f}
-  c = Concepts(
-      coarse_names=coarse_names, coarse_kind=coarse_kind, fine_names=fine_names,
-      fine_coarse=fine_coarse, prepositions=prepositions,
-      ground_stuff=tuple(fine_names.index(n) for n in d['ground_stuff']),
-      color_names=color_names, color_rgb=np.asarray([c['rgb'] for c in d['colors']], np.uint8),
-      sizes=tuple(d['sizes']), textures=tuple(d['textures']),
-      function_words=tuple(d['function_words']), heldout=frozenset(heldout),
-      open_vocab=frozenset(fine_names.index(w) for w in d['open_vocab']))
-  if set(c.stuff) != set(prepositions) or 'sky' not in fine_names:
-    raise ValueError(f'{path}: every stuff class needs a preposition, and "sky" must exist')
-  for f in set(c.things):
-    if all((k, f) in c.heldout for k in range(len(color_names))):
-      raise ValueError(f'{path}: every color of {fine_names[f]!r} is held out')
-  return c
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shapes: inside tests in the object frame (unit circumradius, y down)
-
-
-def _polygon_inside(px, py, vx, vy):
-  """Even-odd point-in-polygon; px, py [...] points, vx, vy [V] vertices. Returns bool [...]."""
-  inside = np.zeros(px.shape, bool)
-  j = len(vx) - 1
-  for i in range(len(vx)):
-    xi, yi, xj, yj = vx[i], vy[i], vx[j], vy[j]
-    cond = (yi > py) != (yj > py)
-    with np.errstate(divide='ignore', invalid='ignore'):
-      xcross = (xj - xi) * (py - yi) / (yj - yi) + xi
-    inside ^= cond & (px < xcross)
-    j = i
-  return inside
-
-
-def _regular(n, radius=1.0, phase=-math.pi / 2):
-  a = phase + 2 * math.pi * np.arange(n) / n
-  return radius * np.cos(a), radius * np.sin(a)
-
-
-def _star():
-  a = -math.pi / 2 + math.pi * np.arange(10) / 5
-  r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
-  return r * np.cos(a), r * np.sin(a)
-
-
-_CROSS = (np.array([-.3, .3, .3, 1, 1, .3, .3, -.3, -.3, -1, -1, -.3]) * 0.95,
-          np.array([-1, -1, -.3, -.3, .3, .3, 1, 1, .3, .3, -.3, -.3]) * 0.95)
-_ARROW = (np.array([-1, .15, .15, 1, .15, .15, -1]), np.array([-.25, -.25, -.62, 0, .62, .25, .25]))
-_POLYGONS = {'triangle': _regular(3), 'square': _regular(4, phase=-math.pi / 4),
-             'pentagon': _regular(5), 'hexagon': _regular(6), 'star': _star(), 'cross': _CROSS,
-             'arrow': _ARROW}
-# Rotation range (radians, symmetric) per shape: hearts and crescents stay upright-ish to stay readable.
-_MAX_ROTATION = {'heart': 0.35, 'crescent': 0.6}
-
-
-def shape_inside(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-  """Whether points (u, v) (object frame: unit circumradius, v down) are inside shape `name`."""
-  if name in _POLYGONS:
-    return _polygon_inside(u, v, *_POLYGONS[name])
-  rho2 = u * u + v * v
-  if name == 'circle':
-    return rho2 <= 0.85 ** 2
-  if name == 'ellipse':
-    return (u / 1.0) ** 2 + (v / 0.55) ** 2 <= 1.0
-  if name == 'ring':
-    return (rho2 <= 1.0) & (rho2 >= 0.55 ** 2)
-  if name == 'crescent':
-    return (rho2 <= 1.0) & ((u - 0.5) ** 2 + (v + 0.1) ** 2 > 0.8 ** 2)
-  if name == 'heart':
-    x, y = u * 1.25, -(v * 1.25 + 0.15)  # y up; the curve spans about [-1.15, 1.25]
-    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-  raise ValueError(f'no renderer for shape {name!r}')
-
-
-def shape_mask(name: str, cy: float, cx: float, radius: float, angle: float, size: int) -> np.ndarray:
-  """Bool [size, size]: pixels whose centre (y + .5, x + .5) lies inside the rotated, scaled shape."""
-  y0, y1 = max(0, int(cy - radius) - 1), min(size, int(cy + radius) + 2)
-  x0, x1 = max(0, int(cx - radius) - 1), min(size, int(cx + radius) + 2)
-  yy, xx = _grid(size)
-  dy, dx = (yy[y0:y1, x0:x1] + 0.5 - cy) / radius, (xx[y0:y1, x0:x1] + 0.5 - cx) / radius
-  c, s = math.cos(angle), math.sin(angle)
-  u, v = c * dx + s * dy, -s * dx + c * dy  # rotate the points by -angle = the shape by +angle
-  out = np.zeros((size, size), bool)
-  out[y0:y1, x0:x1] = shape_inside(name, u, v)
-  return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Procedural "stuff" textures: float [S, S, 3] in 0..255
-
-
-def _smooth_noise(rng, size, cells):
-  """Bilinearly upsampled uniform noise in [0, 1] with `cells` cells per side."""
-  cells = max(1, int(cells))
-  g = rng.random((cells + 1, cells + 1))
-  t = np.linspace(0, cells, size, endpoint=False) + cells / size / 2
-  i = np.minimum(t.astype(int), cells - 1)
-  f = t - i
-  rows = g[i] * (1 - f)[:, None] + g[i + 1] * f[:, None]
-  return rows[:, i] * (1 - f)[None] + rows[:, i + 1] * f[None]
-
-
-def _stretched_noise(rng, size, along_y, stretch):
-  n = rng.normal(size=(math.ceil(size / stretch) + 1, size))
-  n = np.repeat(n, stretch, axis=0)[:size]
-  return n if along_y else n.T
-
-
-@functools.lru_cache(maxsize=8)
-def _grid(s):
-  yy, xx = np.mgrid[0:s, 0:s].astype(np.float64)
-  yy.flags.writeable = False
-  xx.flags.writeable = False
-  return yy, xx
-
-
-def _texture(name, rng, s):
-  yy, xx = _grid(s)
-  smooth = _smooth_noise(rng, s, 6)[..., None]
-  if name == 'grass':
-    blades = _stretched_noise(rng, s, True, max(2, s // 20))[..., None]
-    return np.array([70, 150, 55]) + blades * [10, 24, 8] + (smooth - .5) * [20, 40, 10]
-  if name == 'water':
-    ph = rng.random() * 2 * math.pi
-    wave = np.sin(2 * math.pi * (yy / (s / 9) + 0.15 * np.sin(2 * math.pi * xx / (s / 2) + ph)))
-    streak = _stretched_noise(rng, s, False, max(2, s // 12))
-    return np.array([40, 100, 180]) + ((wave * 16 + streak * 6)[..., None]) * [.6, .8, 1] + (
-        smooth - .5) * [10, 20, 30]
-  if name == 'sky':
-    grad = (yy / s)[..., None]
-    base = np.array([105, 165, 235]) * (1 - grad) + np.array([170, 205, 245]) * grad
-    cloud = np.clip((_smooth_noise(rng, s, 4) - 0.55) * 4, 0, 1)[..., None]
-    return base * (1 - 0.85 * cloud) + 0.85 * cloud * 245
-  if name == 'sand':
-    ripple = np.sin(2 * math.pi * (0.3 * xx + yy) / (s / 10) + rng.random() * 6)[..., None]
-    return np.array([222, 196, 140]) + rng.normal(size=(s, s, 1)) * 10 + ripple * 7 + (smooth - .5) * 20
-  if name in ('brick', 'tiles'):
-    w = max(1, s // 32)  # mortar / grout width
-    if name == 'brick':
-      bh, bw = s / 8, s / 4
-      row = (yy // bh).astype(int)
-      xs = xx + (row % 2) * bw / 2
-      col = (xs // bw).astype(int)
-      joint = ((yy % bh) < w) | ((xs % bw) < w)
-      base, joint_rgb, spread = np.array([165, 65, 45]), np.array([200, 195, 185]), 18
-    else:
-      t = s / 6
-      row, col = (yy // t).astype(int), (xx // t).astype(int)
-      joint = ((yy % t) < w) | ((xx % t) < w)
-      base, joint_rgb, spread = np.array([205, 205, 210]), np.array([115, 115, 120]), 14
-    per_cell = rng.normal(size=(row.max() + 1, col.max() + 1))[row, col][..., None] * spread
-    img = np.where(joint[..., None], joint_rgb, base + per_cell)
-    return img + rng.normal(size=(s, s, 1)) * 5
-  raise ValueError(f'no texture for stuff {name!r}')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -339,9 +111,9 @@ def _place(rng, objs, concepts, s, max_tries=40):
     for _ in range(max_tries):
       r = rng.uniform(lo, hi) * s
       cy, cx = rng.uniform(r + 1, s - 1 - r, size=2)
-      rot = _MAX_ROTATION.get(name, math.pi)
+      rot = paint.MAX_ROTATION.get(name, math.pi)
       angle = rng.uniform(-rot, rot)
-      m = shape_mask(name, cy, cx, r, angle, s)
+      m = paint.shape_mask(name, cy, cx, r, angle, s)
       cand, cz = masks + [m], zs + [zo]
       vis = _visible(cand, cz)
       if all(v.sum() >= MIN_VISIBLE * f.sum() and v.sum() >= min_px for v, f in zip(vis, cand)):
@@ -351,42 +123,6 @@ def _place(rng, objs, concepts, s, max_tries=40):
         break
   order = np.argsort(zs, kind='stable')
   return [placed[i] for i in order], [masks[i] for i in order]
-
-
-def _paint_object(img, mask, o, concepts, rng, s):
-  """Paints one object (color, texture pattern, outline) into img float [S, S, 3] where mask."""
-  rgb = concepts.color_rgb[o['color']].astype(np.float64)
-  lum = rgb @ [0.299, 0.587, 0.114]
-  shade = rgb * 0.5 + (110 if lum < 60 else 0)  # darker shade; lighter for black
-  w = max(1, s // 64)  # outline width; the outline belongs to the object (it is inside the mask)
-  y0, x0, y1, x1 = _box(mask)
-  y0, x0, y1, x1 = max(0, y0 - 1), max(0, x0 - 1), min(s, y1 + 1), min(s, x1 + 1)
-  m = mask[y0:y1, x0:x1]  # work in the object's window (pattern coordinates stay image-global)
-  yy, xx = _grid(s)
-  yy, xx = yy[y0:y1, x0:x1] + 0.5, xx[y0:y1, x0:x1] + 0.5
-  tex = concepts.textures[o['texture']]
-  if tex == 'striped':  # diagonal stripes, period S/16
-    period = max(3.0, s / 16)
-    pat = np.floor((xx + yy) / math.sqrt(2) / (period / 2) + rng.random() * 2) % 2 == 1
-  elif tex == 'dotted':  # dot grid, period S/12
-    q = max(4.0, s / 12)
-    oy, ox = rng.random(2) * q
-    pat = ((yy - oy) % q - q / 2) ** 2 + ((xx - ox) % q - q / 2) ** 2 <= (0.3 * q) ** 2
-  else:
-    pat = np.zeros(m.shape, bool)
-  inner = m.copy()
-  for _ in range(w):  # erosion with a 4-neighbourhood (outside the image counts as outside)
-    e = inner.copy()
-    e[0], e[-1], e[:, 0], e[:, -1] = False, False, False, False
-    e[1:] &= inner[:-1]
-    e[:-1] &= inner[1:]
-    e[:, 1:] &= inner[:, :-1]
-    e[:, :-1] &= inner[:, 1:]
-    inner = e
-  outline = np.array([235, 235, 235] if lum < 60 else [25, 25, 25], np.float64)
-  paint = np.where((m & ~inner)[..., None], outline, np.where(pat[..., None], shade, rgb))
-  win = img[y0:y1, x0:x1]
-  win[m] = paint[m]
 
 
 def _background(rng, pix, concepts, s):
@@ -399,20 +135,16 @@ def _background(rng, pix, concepts, s):
     horizon = s * rng.uniform(0.3, 0.55) + 0.03 * s * np.sin(2 * math.pi * xx / (s * rng.uniform(0.6, 1.2))
                                                              + rng.random() * 6)
     top = (np.arange(s)[:, None] + 0.5) < horizon[None, :]
-    img = np.where(top[..., None], _texture('sky', pix, s), _texture(concepts.fine_names[ground], pix, s))
+    img = np.where(top[..., None], paint.texture('sky', pix, s),
+                   paint.texture(concepts.fine_names[ground], pix, s))
     sem = np.where(top, sky, ground).astype(np.uint8)
     return img, sem, [ground, sky]
   stuff = int(rng.choice(concepts.stuff))
-  return _texture(concepts.fine_names[stuff], pix, s), np.full((s, s), stuff, np.uint8), [stuff]
+  return paint.texture(concepts.fine_names[stuff], pix, s), np.full((s, s), stuff, np.uint8), [stuff]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Language
-
-
-def _box(mask):
-  ys, xs = np.nonzero(mask)
-  return [int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1]
 
 
 def _noun(o, concepts, split, rng=None):
@@ -519,13 +251,13 @@ def generate_example(seed: int, split: str, index: int, image_size: int = 64,
   objs, masks = _place(rng, _sample_objects(rng, concepts, split), concepts, s)
   instance = np.zeros((s, s), np.uint8)
   for k, (o, m) in enumerate(zip(objs, masks)):  # back to front
-    _paint_object(img, m, o, concepts, pix, s)
+    paint.paint_object(img, m, o, concepts, pix, s)
     instance[m] = k + 1
     semantic[m] = o['fine']
   img = np.clip(np.rint(img + pix.normal(size=img.shape) * 3), 0, 255).astype(np.uint8)
   for k, o in enumerate(objs):
     vis = instance == k + 1
-    o['box'] = _box(vis)
+    o['box'] = paint.mask_box(vis)
     o['area'], o['full_area'] = int(vis.sum()), int(masks[k].sum())
     o['by'], o['bx'] = (o['box'][0] + o['box'][2]) / 2, (o['box'][1] + o['box'][3]) / 2
 

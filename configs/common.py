@@ -1,0 +1,128 @@
+"""The base config every experiment starts from: every key a config may set (unknown keys are errors).
+
+    from configs import common
+    c = common.get_config()              # data / model / loss / optim / train / checkpoint / mesh / eval
+    c.loss.name = "amc"
+
+The objectives add their own sections (``config.loss.amc``, ``.local``, ``.trace``) through
+``trace_jax.objectives.add_defaults``; this file holds what is not an objective's.
+"""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config() -> ml_collections.ConfigDict:
+  from trace_jax import objectives
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "trace_shapes"        # a trace_jax.data.sources name: 'trace_shapes' or 'random' (tests)
+  c.data.data_dir = placeholder(str)  # tfds data dir (None: tfds default)
+  c.data.image_size = 64
+  c.data.batch_size = 64              # global batch (all devices, all hosts)
+  c.data.phrase_source = "refexp"     # 'refexp' (unique referring expressions) or 'phrase'
+  c.data.mask = "box"                 # AMC region: 'box' (as the paper's VG boxes) or 'pixels'
+  c.data.split = "train"
+  c.data.dataset_seed = 0             # seed of the synthetic dataset build
+  c.data.split_sizes = ""             # e.g. "train=2000,test=200" (others: builder defaults); "" = defaults
+  c.data.prefetch = 2
+  c.data.vocab_size = 1000            # 'random' data only
+  c.data.context_length = 16          # 'random' data only
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "small"
+  c.model.image_size = c.data.get_ref("image_size")
+  c.model.dtype = "float32"           # compute dtype ('bfloat16' = mixed precision; params stay float32)
+  for k, t in (("patch_size", int), ("vision_width", int), ("vision_layers", int), ("vision_heads", int),
+               ("text_width", int), ("text_layers", int), ("text_heads", int), ("embed_dim", int),
+               ("vocab_size", int), ("context_length", int), ("eos_token_id", int), ("pool", str),
+               ("crate_dim_head", int)):
+    setattr(c.model, k, placeholder(t))  # None: preset / data value
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "contrastive"         # a trace_jax.objectives name: contrastive | amc | local_alignment | trace
+  c.loss.global_texts = "caption"     # texts of the global CLIP loss: 'caption' | 'phrase' | 'caption+phrase'
+  objectives.add_defaults(c.loss)     # loss.amc, loss.local, loss.trace
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=5e-4, schedule="warmup_cosine", warmup_steps=100, min_lr_ratio=0.0,
+      b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1, grad_clip=1.0))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000, log_every=10, progress=True, compilation_cache_dir=placeholder(str),
+      debug_step_sleep=0.0))          # debug_step_sleep: seconds slept per step (tests of pre-emption only)
+
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True, export_model=True))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.distributed = False               # jax.distributed.initialize() (multi-host); env TRACE_JAX_DISTRIBUTED=1 too
+
+  c.eval = ml_collections.ConfigDict(dict(
+      split="test", methods="gradcam", layer=-1, threshold=0.5, batch_size=50,
+      num_examples=placeholder(int), gallery=8, text="phrase"))
+  return c
+
+
+def _keys(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in node.items():
+    out.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      out += _keys(v, prefix + k + ".")
+  return out
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+  """'unknown config key X (did you mean Y?)': the closest known key, by spelling."""
+  close = difflib.get_close_matches(key, _keys(config), n=1, cutoff=0.6)
+  return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+  """Sets ``{'a.b': 'value'}`` string overrides in place (``--set a.b=value``), parsed as the type of the
+  current value; an unknown key is an error that names it and the closest known key."""
+  for k, v in overrides.items():
+    node = config
+    *path, last = k.split(".")
+    for p in path + [last]:
+      if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+        raise KeyError(f"--set {k}: {unknown_key_message(config, k)}")
+      if p != last:
+        node = node[p]
+    old = node[last]
+    if isinstance(old, bool):
+      if v not in ("True", "False", "true", "false", "1", "0"):
+        raise ValueError(f"--set {k}: expected a boolean, got {v!r}")
+      node[last] = v in ("True", "true", "1")
+    else:
+      node[last] = type(old)(v) if old is not None else v
+  return config
+
+
+def run_main(main, prog: str) -> None:
+  """``absl.app.run(main)`` where a bad ``--config.KEY=VALUE`` override is one line on stderr and exit 2
+  (ml_collections raises from inside flag parsing, which absl would print as a traceback)."""
+  import re
+  import sys
+  from absl import app
+  try:
+    app.run(main)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    msg = " ".join(str(e.args[0] if e.args else e).replace("\\n", " ").split())
+    overrides = [a.split("=", 1)[0][len("--config."):] for a in sys.argv[1:] if a.startswith("--config.")]
+    bad = re.search(r"(\w+)", msg)
+    hint = re.search(r'Did you mean "(\w+)"', msg)
+    key = next((k for k in overrides if bad and bad.group(1) in k.split(".")), None)
+    if isinstance(e, (AttributeError, KeyError)) and key:
+      msg = f"unknown config key {key!r}"
+      if hint:
+        msg += f" (did you mean {'.'.join(hint.group(1) if p == bad.group(1) else p for p in key.split('.'))!r}?)"
+    else:
+      msg = f"bad config override: {msg}"
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
