@@ -14,14 +14,24 @@ $(VENV)/.core: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[peers,test]'
+	$(BIN)/pip install -q -e '.[peers,test,serve,tpu]'
 	touch $@ $(VENV)/.core
+
+# tests/test_serve.py drives Debian's chromium through its chromedriver (no browser download at run
+# time): installed here when missing (as root, or with sudo); fails loudly when it cannot be.
+chromium:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	command -v apt-get >/dev/null || { echo "make chromium: no apt-get; install chromium and chromedriver at /usr/bin" >&2; exit 1; }; \
+	$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver \
+	  || { echo "make chromium: could not install Debian's chromium + chromium-driver (needed by tests/test_serve.py)" >&2; exit 1; }; \
+	[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { echo "make chromium: /usr/bin/chromium or /usr/bin/chromedriver still missing" >&2; exit 1; }
 
 demo: $(VENV)/.core
 	$(BIN)/python train.py --config configs/demo.py --workdir runs/demo
 	$(BIN)/python evaluate.py --config configs/demo.py --checkpoint runs/demo
 
-test: $(VENV)/.test
+test: $(VENV)/.test chromium
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
-.PHONY: demo test
+.PHONY: demo test chromium

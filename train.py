@@ -25,12 +25,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def run(config, workdir: str):
-  """The data source and objective of ``config``, trained in ``workdir`` (resumes); the final state."""
-  from trace_jax import objectives
+  """The data source and objective of ``config``, trained in ``workdir`` (resumes); the final state.
+
+  ``config.init_from``: a model dir whose config, tokenizer and params (and matching heads) start the
+  run (read again on resume, where the checkpoint's params win)."""
+  from trace_jax import model_dir, objectives
   from trace_jax.data import sources
   from trace_jax.training.loop import train
-  source = sources.make(config)
-  task = objectives.make(config, source.info)
+  init = model_dir.load(config.init_from, dtype=None) if config.init_from else None
+  source = sources.make(config, tokenizer=init.tokenizer if init is not None else None)
+  task = objectives.make(config, source.info, init)
   return train(config, workdir, task, source)
 
 

@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   from trace_jax import objectives
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.init_from = placeholder(str)      # a model dir (trace-jax convert output or a run's export): initial params,
+  #                                     tokenizer and model config (model.* keys must agree or stay unset)
+  c.freeze = ""                       # towers kept fixed: '', 'visual', 'text' or 'visual,text' (LiT: 'visual')
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "trace_shapes"        # a trace_jax.data.sources name: 'trace_shapes' or 'random' (tests)
@@ -33,20 +36,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2
   c.data.vocab_size = 1000            # 'random' data only
   c.data.context_length = 16          # 'random' data only
+  # Real sources (trace_jax/data/train_sources.py; docs/training.md)
+  c.data.path = ""                    # image_text: a CSV / TSV, or WebDataset shards 'DIR/s-{000000..000127}.tar'
+  c.data.image_key = "filepath"       # image_text CSV columns (open_clip's csv_img_key / csv_caption_key)
+  c.data.caption_key = "title"
+  c.data.csv_separator = ""           # "" = tab for .tsv, else comma
+  c.data.manual_dir = placeholder(str)      # tfds sources: official files, to prepare the builder if needed
+  c.data.builder_config = placeholder(str)  # tfds builder config (default per source, e.g. refcoco_unc)
+  c.data.tokenizer_dir = placeholder(str)   # tokenizer when init_from is unset (a model dir or tokenizer dir)
+  c.data.augment = "auto"             # 'auto' (train split: open_clip train crop, else centre crop) | 'train' | 'eval'
+  c.data.worker_count = 0             # Grain worker processes (0 = decode in the training process)
+  c.data.read_threads = 1             # Grain reader threads per process
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "small"
-  c.model.image_size = c.data.get_ref("image_size")
+  c.model.preset = placeholder(str)   # None: 'small' (a new model) or the init_from dir's architecture
   c.model.dtype = "float32"           # compute dtype ('bfloat16' = mixed precision; params stay float32)
-  for k, t in (("patch_size", int), ("vision_width", int), ("vision_layers", int), ("vision_heads", int),
+  # Large-model tools (docs/scale.md), default off: remat 'none' | 'block' | a jax.checkpoint_policies
+  # name; scan_layers: nn.scan over the blocks; attention 'explicit' | 'fused' (jax.nn.dot_product_attention)
+  c.model.remat = "none"
+  c.model.scan_layers = False
+  c.model.attention = "explicit"
+  for k, t in (("image_size", int), ("patch_size", int), ("vision_width", int), ("vision_layers", int), ("vision_heads", int),
                ("text_width", int), ("text_layers", int), ("text_heads", int), ("embed_dim", int),
                ("vocab_size", int), ("context_length", int), ("eos_token_id", int), ("pool", str),
                ("crate_dim_head", int)):
-    setattr(c.model, k, placeholder(t))  # None: preset / data value
+    setattr(c.model, k, placeholder(t))  # None: preset / data value (image_size: the data's, for a new model)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "contrastive"         # a trace_jax.objectives name: contrastive | amc | local_alignment | trace
   c.loss.global_texts = "caption"     # texts of the global CLIP loss: 'caption' | 'phrase' | 'caption+phrase'
+  c.loss.global_loss = "softmax"      # 'softmax' (CLIP InfoNCE) | 'sigmoid' (SigLIP, needs a SigLIP model)
   objectives.add_defaults(c.loss)     # loss.amc, loss.local, loss.trace
 
   c.optim = ml_collections.ConfigDict(dict(
@@ -55,7 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=10, progress=True, compilation_cache_dir=placeholder(str),
-      debug_step_sleep=0.0))          # debug_step_sleep: seconds slept per step (tests of pre-emption only)
+      debug_step_sleep=0.0,           # debug_step_sleep: seconds slept per step (tests of pre-emption only)
+      microbatches=1))                # gradient accumulation over this many microbatches (docs/scale.md)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True, export_model=True))
 

@@ -39,7 +39,7 @@ def test_explain_single_image_png_and_npz(model_dir):
   assert rc == 0
   from PIL import Image
   im = np.asarray(Image.open(out))
-  assert im.shape == (32, 32, 3) and im.dtype == np.uint8
+  assert im.shape == (40, 48, 3) and im.dtype == np.uint8  # the 40x48 file's own size (issue 23)
   z = np.load(npz)
   assert z["grid"].shape == (1, 4, 4) and z["map"].shape == (1, 32, 32) and z["score"].shape == (1,)
   assert 0 <= z["map"].min() and z["map"].max() <= 1 and np.isfinite(z["map"]).all()
@@ -128,7 +128,7 @@ def _token_boxes(strip: np.ndarray) -> list[tuple[int, int, int, int]]:
 
 @pytest.mark.slow
 def test_explain_m2ib_colours_text_tokens(model_dir):
-  """M2IB: under the 32 px overlay, one box per word of the text, left to right in the text's order,
+  """M2IB: under the overlay (at the image file's 40x48), one box per word of the text, left to right in the text's order,
   each coloured by the word's attribution from the npz (min-max over the words, the 'Reds' colormap:
   darker = higher) and carrying its glyphs (black ink, white above 0.6).
 
@@ -148,7 +148,7 @@ def test_explain_m2ib_colours_text_tokens(model_dir):
   im = np.asarray(Image.open(out).convert("RGB"))
   z = np.load(npz)
   assert z["map"].shape == (1, 32, 32) and z["text"].ndim == 2 and np.isfinite(z["text"]).all()
-  assert im.shape[0] > 32 and im.shape[1] >= 32  # overlay + token strip below it
+  assert im.shape[0] > 40 and im.shape[1] >= 48  # the 40x48 overlay + token strip below it
   # the words' attributions: valid positions are start, the words, end
   pos = np.flatnonzero(z["text_valid"][0])[1:-1]
   words = text.split()
@@ -156,12 +156,12 @@ def test_explain_m2ib_colours_text_tokens(model_dir):
   s = z["text"][0][pos].astype(np.float64)
   assert s.max() - s.min() > 0.1, s  # distinct enough for the colours to tell them apart
   s = (s - s.min()) / (s.max() - s.min())
-  boxes = _token_boxes(im[32:])
+  boxes = _token_boxes(im[40:])
   assert len(boxes) == len(words), boxes
   widths = [x1 - x0 for x0, x1, _, _ in boxes]
   assert widths == sorted(widths) and len(set(widths)) == 3, widths  # 'a' < 'red' < 'cube'
   want = np.round(matplotlib.colormaps["Reds"](s)[:, :3] * 255)
-  strip = im[32:].astype(np.int32)
+  strip = im[40:].astype(np.int32)
   colours = np.asarray([strip[y0, x0] for x0, _, y0, _ in boxes])
   np.testing.assert_allclose(colours, want, atol=1)
   # darker box = higher attribution, in the text's order

@@ -81,6 +81,8 @@ def violations(graph):
         bad.append(f"{m} -> {d}")
       if b == "cli" and a != "cli":
         bad.append(f"{m} -> {d} (a library layer imports a command)")
+      if b == "serve" and a not in ("cli", "serve"):  # the web app is a top layer beside cli
+        bad.append(f"{m} -> {d} (a library layer imports the web app)")
   return bad
 
 
@@ -138,6 +140,8 @@ def test_no_upward_import_and_no_cycle():
     ("trace_jax.models.clip", "from trace_jax.attribution import legrad"),
     ("trace_jax.model_dir", "from trace_jax.cli import common"),
     ("trace_jax.data.sources", "from trace_jax.models import build"),
+    ("trace_jax.attribution.api", "from trace_jax.serve import engine"),
+    ("trace_jax.serve.engine", "from trace_jax.cli import common"),
 ])
 def test_rules_catch_an_upward_import(module, line):
   mods = modules()

@@ -59,6 +59,15 @@ def check_params(params: dict, cfg: CLIPConfig, what: str = "checkpoint") -> Non
   check_shapes(expected_shapes(cfg), shapes_of(flatten(params)), f"{what} does not match the model config:")
 
 
+def _writer():
+  """An orbax checkpointer that this process runs alone (no barrier with the other processes): a
+  multi-process training run writes its model dir from process 0 only (training/loop.export_model)."""
+  import orbax.checkpoint as ocp
+  i = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=i, active_processes={i}))
+
+
 def write_model_dir(directory: str, params: dict, meta: dict, *,
                     tokenizer_files: dict[str, str] | None = None) -> str:
   """DIR/params (orbax, float32) [+ DIR/tokenizer/*] then DIR/config.json = ``meta``.
@@ -70,7 +79,7 @@ def write_model_dir(directory: str, params: dict, meta: dict, *,
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
-  ckpt = ocp.StandardCheckpointer()
+  ckpt = _writer()
   ckpt.save(os.path.join(directory, "params"), params, force=True)
   ckpt.wait_until_finished()
   if tokenizer_files:
@@ -183,7 +192,7 @@ def save(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
   if heads:
     import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
-    c = ocp.StandardCheckpointer()
+    c = _writer()
     for name, tree in extra.items():
       c.save(os.path.join(directory, "heads", name), jax.tree.map(lambda a: np.asarray(a, np.float32), tree),
              force=True)

@@ -5,7 +5,8 @@
     out = explain('legrad', model, params, images, query=vecs)      # arbitrary query vectors [P, E]
 
 Returns a dict with at least ``grid`` [P, gh, gw] (min-max normalised), ``map`` [P, H, W] in [0, 1]
-and ``score`` [P] (the pair's image-text cosine); methods add their own keys (``raw`` grids, ``text``
+and ``score`` [P] (the pair's image-text cosine; for a SigLIP model its sigmoid logit
+``exp(t) cos + b``, the cosine then under ``cosine``); methods add their own keys (``raw`` grids, ``text``
 token attributions, ...). Pairing rules: ``trace_jax.attribution.common`` / docs/attribution.md.
 
 Every method module exposes ``explain(model, params, images, ids=None, *, query=None, **settings)``;
@@ -67,6 +68,8 @@ def pair_scores(model, params, images, ids=None, query=None) -> jax.Array:
 @functools.lru_cache(maxsize=128)
 def _jitted(method: str, model, static: tuple, dynamic_names: tuple):
   mod = method_module(method)
+  if method == "legrad" and model.cfg.vision.kind == "siglip":  # the authors' SigLIP path
+    mod = importlib.import_module("trace_jax.attribution.legrad_siglip")
   static_kw = dict(static)  # lists / dicts arrive as (sorted) tuples: hashable jit cache keys
 
   def fn(params, images, ids, query, dynamic):
@@ -74,6 +77,10 @@ def _jitted(method: str, model, static: tuple, dynamic_names: tuple):
                            **dict(zip(dynamic_names, dynamic))))
     if "score" not in out:  # every method reports the pair's cosine (LeGrad / M2IB do not compute it)
       out["score"] = pair_scores(model, params, images, ids, query)
+    if model.cfg.vision.kind == "siglip":  # SigLIP scores a pair by its sigmoid logit exp(t) cos + b
+      from trace_jax.models.siglip import pair_logit
+      out["cosine"] = out["score"]
+      out["score"] = pair_logit(params, out["score"])
     return out
 
   if getattr(mod, "JIT", True):

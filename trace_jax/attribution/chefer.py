@@ -62,11 +62,25 @@ def explain(model, params, images, ids=None, *, query=None, start_layer: int = 0
   L = model.cfg.vision.layers
   blocks = list(range(common.resolve_layer(start_layer, L), L))
   paths = [common.attn_path("visual", i) for i in blocks]
+  siglip = model.cfg.vision.kind == "siglip"
+  if siglip:  # + the MAP head's probabilities (models/siglip.py POOL_PATH)
+    from trace_jax.models.siglip import POOL_PATH
+    paths = paths + [POOL_PATH]
   emb, aux, vjp_fn = common.encode_image_vjp(model, params, images, paths, pos_interp)
   scores, grads = common.pair_grads(emb, vjp_fn, targets_p, pair)
   attns = [common.take_pairs(aux["blocks"][i]["attn"], pair) for i in blocks]
-  r = relevance(attns, [scale * g for g in grads])
-  grid = common.to_grid(r[:, 0, 1:], common.grid_shape(model, images))
+  if siglip:
+    # No class token: the pooled query's relevance row is the MAP head's gradient-weighted attention
+    # mean_h(relu(dS/dA_pool * A_pool))[0] [P, N], propagated through the blocks' R (its CLS-row analogue).
+    g_pool, grads = grads[-1], grads[:-1]
+    a_pool = common.take_pairs(aux["pool"]["attn"], pair)
+    cam_pool = jnp.mean(jnp.maximum(scale * g_pool * a_pool, 0.0), axis=-3)[:, 0]
+    r = relevance(attns, [scale * g for g in grads])
+    row = jnp.einsum("pj,pjk->pk", cam_pool, r, precision=jax.lax.Precision.HIGHEST)
+  else:
+    r = relevance(attns, [scale * g for g in grads])
+    row = r[:, 0, 1:]
+  grid = common.to_grid(row, common.grid_shape(model, images))
   out = common.finish(grid, images.shape[1:3], normalize=normalize, upsample_method=upsample)
   out["score"] = scores
   if text:

@@ -27,10 +27,13 @@ import jax.numpy as jnp
 from trace_jax.attribution import common
 
 
-def _cam(F, G, relu_grad: bool, relu: bool):
-  """F, G: [P, heads, N, N] -> [P, N - 1] (CLS row, patch columns, mean over heads)."""
-  f = F[:, :, 0, 1:]
-  g = G[:, :, 0, 1:]
+def _cam(F, G, relu_grad: bool, relu: bool, prefix: int = 1):
+  """F, G: [P, heads, N, N] -> [P, N - 1] (CLS row, patch columns, mean over heads).
+
+  SigLIP (``prefix=0``): F, G are the MAP head's [P, heads, 1, N] (its probe is the pooling query,
+  as the CLS row is CLIP's; no class token) -> [P, N]."""
+  f = F[:, :, 0, prefix:]
+  g = G[:, :, 0, prefix:]
   g = jnp.maximum(g, 0.0) if relu_grad else g  # AMC: grad.clamp(0) (notes §2)
   cam = jnp.mean(f * g, axis=1)
   return jnp.maximum(cam, 0.0) if relu else cam
@@ -49,11 +52,19 @@ def gradcam_pairs(model, params, images, ids=None, *, query=None, layer: int = -
     raise ValueError("internal pairing error")
   targets = common.broadcast_texts(targets, pair)
   i = common.resolve_layer(layer, model.cfg.vision.layers)
-  path = common.attn_path("visual", i)
+  siglip = model.cfg.vision.kind == "siglip"
+  if siglip:  # no class token: the MAP head's attention is the pooled query's (models/siglip.py)
+    from trace_jax.models.siglip import POOL_PATH
+    if i != model.cfg.vision.layers - 1:
+      raise ValueError(f"GradCAM on a SigLIP model uses the attention-pooling head's probabilities (the "
+                       f"pooled query; there is no class token): layer must be -1, got {layer}")
+    path = POOL_PATH
+  else:
+    path = common.attn_path("visual", i)
   emb, aux, vjp_fn = common.encode_image_vjp(model, params, images, [path], pos_interp)
   scores, (G,) = common.pair_grads(emb, vjp_fn, targets, pair)
-  F = common.take_pairs(aux["blocks"][i]["attn"], pair)
-  cam = _cam(F, G, relu_grad, relu)
+  F = common.take_pairs(aux["pool"]["attn"] if siglip else aux["blocks"][i]["attn"], pair)
+  cam = _cam(F, G, relu_grad, relu, prefix=0 if siglip else 1)
   return common.to_grid(cam, common.grid_shape(model, images)), scores
 
 

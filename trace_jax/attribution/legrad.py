@@ -172,7 +172,8 @@ def legrad(model, params, images, queries, *, layers=-2, pos_interp: str = "anti
 def explain(model, params, images, ids=None, *, query=None, layers=-2, pos_interp: str = "antialias",
             **kw):
   """``explain(method='legrad')`` entry: token ids [T, L] (encoded, L2-normalised as LeGrad's
-  README) or query vectors [T, E] (used as given). See :func:`legrad` for shapes and pairing."""
+  README) or query vectors [T, E] (used as given). See :func:`legrad` for shapes and pairing.
+  (``api.explain('legrad', ...)`` sends a SigLIP model to trace_jax/attribution/legrad_siglip.py.)"""
   if kw:
     raise ValueError(f"legrad: unknown options {sorted(kw)}")
   require_vit(model.cfg, "LeGrad")

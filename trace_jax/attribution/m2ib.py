@@ -211,7 +211,7 @@ def _core(params, images, ids, lengths, img_idx, txt_idx, beta_v, beta_t, lr, si
     suffix = functools.partial(_vision_suffix, params, cfg, vlayer)
     run = functools.partial(_optimise, suffix=suffix, beta=beta_v, lr=lr, sigma=sig,
                             steps=steps, samples=samples)
-    keys = jax.random.split(key_v, P)
+    keys = key_v if key_v.ndim == 2 else jax.random.split(key_v, P)  # [P, 2]: given per pair
     cap, losses = jax.vmap(run, in_axes=(0, 0, 0, 0, None if noise_v is None or noise_v.ndim == 4 else 0))(
         xv, tgt, valid, keys, noise_v)
     raw = jnp.sum(cap, -1)[:, 1:]                               # nansum over features, drop CLS
@@ -235,7 +235,7 @@ def _core(params, images, ids, lengths, img_idx, txt_idx, beta_v, beta_t, lr, si
       suffix = functools.partial(_text_suffix, params, cfg, tlayer, eot=e)
       return _optimise(x, t, v, k, nz, suffix=suffix, beta=beta_t, lr=lr, sigma=sig, steps=steps,
                        samples=samples)
-    keys = jax.random.split(key_t, P)
+    keys = key_t if key_t.ndim == 2 else jax.random.split(key_t, P)
     cap, losses = jax.vmap(run_t, in_axes=(0, 0, 0, 0, 0, None if noise_t is None or noise_t.ndim == 4 else 0))(
         xt, tgt, valid, eot, keys, noise_t)
     raw = jnp.where(valid, jnp.sum(cap, -1), 0.0)
@@ -289,11 +289,18 @@ def _check_noise(name, noise, P, steps, samples, L, D):
                    f"got {tuple(noise.shape)}")
 
 
+def pair_keys_of(key, num_pairs: int) -> jax.Array:
+  """[2, P, 2]: the per-pair (image, text) noise keys ``explain`` derives from ``key`` for P pairs."""
+  key = jax.random.PRNGKey(0) if key is None else key
+  key_v, key_t = jax.random.split(key)
+  return jnp.stack([jax.random.split(key_v, num_pairs), jax.random.split(key_t, num_pairs)])
+
+
 def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_layer: int | None = None,
             beta: float = 0.1, text_beta: float | None = None, steps: int = 10, lr: float = 1.0,
             samples: int = 10, sigma: float | None = None, key=None, image_noise=None,
             text_noise=None, lengths=None, out_size: Any = OFFICIAL_SIZE,
-            modality: str = "both", query=None) -> dict[str, jax.Array]:
+            modality: str = "both", query=None, pair_keys=None) -> dict[str, jax.Array]:
   """M2IB image and text attributions for image-text pairs (official-code behaviour, see module doc).
 
   Args:
@@ -317,6 +324,9 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
     out_size: size of ``map`` (official 224); an int (square), (H, W), or None = the image size.
     modality: 'both', 'image' or 'text' (skip the other optimisation).
     query: not supported (M2IB needs token ids); present for the ``attribution.explain`` API.
+    pair_keys: [2, P, 2] the (image, text) noise key of each pair instead of splitting ``key``: a
+      caller that runs the P pairs of one call in chunks passes each chunk its rows of
+      :func:`pair_keys_of` (key, P) and gets the all-at-once result (trace_jax/inference/explain.py).
 
   Returns a dict (P = number of pairs):
     ``grid`` [P, gh, gw] min-max of the patch-grid capacity; ``grid_raw`` the capacity sums;
@@ -331,6 +341,10 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
   cfg = model.cfg if hasattr(model, "cfg") else model
   if modality not in ("both", "image", "text"):
     raise ValueError(f"modality must be 'both', 'image' or 'text'; got {modality!r}")
+  if cfg.vision.kind == "siglip":  # its towers pool by a MAP head / the last token, not a CLS / EOT row
+    raise ValueError("M2IB is not implemented for SigLIP models: it re-runs the tail of each tower from the "
+                     "CLS / end-of-text row, while SigLIP pools with an attention head (image) and the last "
+                     "token without a causal mask (text)")
   if modality != "text":  # the text bottleneck needs only the image embedding: any image tower
     require_vit(cfg, "M2IB", "modality='text' (the text map alone) works with any image tower")
   text_layer = layer if text_layer is None else text_layer
@@ -376,8 +390,14 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
   text_noise = _check_noise("text_noise", text_noise, P, steps, samples, L, cfg.text.width)
   if sigma is not None and not sigma > 0:
     raise ValueError(f"sigma must be > 0 (or None for the official code); got {sigma}")
-  key = jax.random.PRNGKey(0) if key is None else key
-  key_v, key_t = jax.random.split(key)
+  if pair_keys is not None:
+    pair_keys = jnp.asarray(pair_keys)
+    if pair_keys.shape != (2, P, 2):
+      raise ValueError(f"pair_keys must have shape [2, pairs, 2] = [2, {P}, 2]; got {tuple(pair_keys.shape)}")
+    key_v, key_t = pair_keys[0], pair_keys[1]
+  else:
+    key = jax.random.PRNGKey(0) if key is None else key
+    key_v, key_t = jax.random.split(key)
   text_beta = beta if text_beta is None else text_beta
   return _core(params, images, ids.astype(jnp.int32), lengths,
                jnp.asarray(img_idx, jnp.int32), jnp.asarray(txt_idx, jnp.int32),

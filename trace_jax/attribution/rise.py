@@ -50,8 +50,15 @@ def mask_scores(model, params, images, targets_n, masks, pair: common.Pairing, *
 
   emb = l2_normalize(jax.lax.map(one, masks, batch_size=batch_size))  # [N, n_img, E]
   if pair.single_image:
-    return emb[:, 0] @ targets_n.T
-  return jnp.einsum("nbe,be->nb", emb, targets_n)
+    cos = emb[:, 0] @ targets_n.T
+  else:
+    cos = jnp.einsum("nbe,be->nb", emb, targets_n)
+  if model.cfg.vision.kind == "siglip":
+    # SigLIP scores a pair by sigmoid(exp(t) cos + b), its match probability (RISE weights masks by the
+    # model's probability of the class; SigLIP's per-pair sigmoid is that probability).
+    from trace_jax.models.siglip import pair_logit
+    return jax.nn.sigmoid(pair_logit(params, cos))
+  return cos
 
 
 def saliency_from_scores(scores: jax.Array, masks: jax.Array, p: float) -> jax.Array:

@@ -51,7 +51,15 @@ def explain(model, params, images, ids=None, *, query=None, start_layer: int = 0
   emb, aux = model.apply({"params": params}, images, method="encode_image", pos_interp=pos_interp)
   start = common.resolve_layer(start_layer, model.cfg.vision.layers)
   r = rollout_matrix([b["attn"] for b in aux["blocks"]], start, head_fusion)
-  grid = common.to_grid(common.take_pairs(r[:, 0, 1:], pair), common.grid_shape(model, images))
+  if model.cfg.vision.kind == "siglip":
+    # SigLIP has no class token: the MAP head's probe (the pooled query) attends over the final tokens,
+    # so its head-fused attention row [1, N] takes the CLS row's place: row = fuse_h(A_pool)[0] @ rollout.
+    fuse = {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[head_fusion]
+    pool = fuse(aux["pool"]["attn"].astype(jnp.float32), axis=-3)[:, 0]           # [n_img, N]
+    row = jnp.einsum("bj,bjk->bk", pool, r, precision=jax.lax.Precision.HIGHEST)
+  else:
+    row = r[:, 0, 1:]
+  grid = common.to_grid(common.take_pairs(row, pair), common.grid_shape(model, images))
   out = common.finish(grid, images.shape[1:3], normalize=normalize, upsample_method=upsample)
   out["score"] = jnp.sum(l2_normalize(common.take_pairs(emb, pair)) * targets, -1)
   if text:

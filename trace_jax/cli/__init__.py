@@ -22,6 +22,8 @@ COMMANDS = {
     "embed": ("trace_jax.cli.embed", "image / text embeddings and logits of a model dir (npz)"),
     "explain": ("trace_jax.cli.explain", "attribution heatmaps (legrad, gradcam, rollout, chefer, saliency, rise, m2ib)"),
     "invert": ("trace_jax.cli.invert", "MaskInversion: localized embeddings for masks"),
+    "plan": ("trace_jax.cli.plan", "compile the train step for a TPU topology: memory, FLOPs, step time per chip"),
+    "serve": ("trace_jax.cli.serve", "a local web page: explain and invert in the browser (needs the 'serve' extra)"),
 }
 
 

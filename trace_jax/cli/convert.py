@@ -19,7 +19,8 @@ from trace_jax.convert.api import SOURCES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                       help="checkpoint layout: openai (.pt TorchScript / state dict), openclip (hub folder or "
-                           "state dict + --model-name), hf (save_pretrained folder), crate")
+                           "state dict + --model-name; SigLIP ones too), hf (save_pretrained folder: CLIPModel or "
+                           "SiglipModel), crate, bigvision (SigLIP .npz + --model-name B/16|So400m/14|...)")
   parser.add_argument("src", help="source file or folder")
   parser.add_argument("dst", help="output model directory (refused if it exists and is not empty, "
                       "unless --overwrite)")
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "no code) cannot read")
   parser.add_argument("--model-name", default=None,
                       help="open_clip model name (e.g. ViT-B-16) for a bare open_clip state dict; "
-                           "--from crate: crate-t|s|b|l")
+                           "--from crate: crate-t|s|b|l; --from bigvision: the variant (B/16, So400m/14)")
   parser.add_argument("--bpe", default=None, help="CLIP BPE merges .txt.gz to ship with the model "
                       "(default for openai/openclip: open_clip's packaged bpe_simple_vocab_16e6.txt.gz)")
   parser.add_argument("--heads", type=int, default=None, help="--from crate: attention heads (not stored in the weights)")

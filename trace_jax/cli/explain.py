@@ -34,10 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   from trace_jax.attribution.api import METHODS
   parser.add_argument("--checkpoint", required=True, help="trace_jax model directory (trace-jax convert)")
   src = parser.add_mutually_exclusive_group(required=True)
-  src.add_argument("--image", help="image file (resized to the model's input size)")
+  src.add_argument("--image", help="image file (resized to the model's input size; the overlay is drawn "
+                   "on the file at its own resolution)")
   src.add_argument("--pixels", help=".npy of normalised pixels [H, W, 3] or [B, H, W, 3] (used as given)")
   src.add_argument("--csv", help="batch mode: CSV with image,text rows (image paths relative to the CSV)")
   src.add_argument("--folder", help="batch mode: a folder of images, each paired with every --text")
+  src.add_argument("--dataset", help="dataset mode: CSV of image,text rows or a folder of images "
+                   "(with --text), streamed to --shards-dir (trace_jax/cli/datasets.py)")
   parser.add_argument("--text", action="append", default=None, help="prompt (repeat for several)")
   parser.add_argument("--token-ids", help=".npy of int token ids [L] or [T, L] instead of --text")
   parser.add_argument("--method", default="legrad", choices=METHODS)
@@ -51,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="squash = Resize((s, s)) as LeGrad / MaskInversion (default); crop = CLIP's")
   parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay")
   parser.add_argument("--batch-size", type=int, default=8, help="batch mode: pairs per forward")
+  from trace_jax.cli import datasets
+  datasets.add_arguments(parser, "explain")
 
 
 def parse_settings(items) -> dict:
@@ -97,7 +102,8 @@ class Runner:
   """The model dir (``common.load``) plus the method and its settings: ``run(images, ids) -> numpy dict``."""
 
   def __init__(self, args):
-    self.m = common.load(args.checkpoint, tokenizer_for="--text" if (args.text or args.csv) else None)
+    wants_text = args.text or args.csv or getattr(args, "dataset", None)
+    self.m = common.load(args.checkpoint, tokenizer_for="--text" if wants_text else None)
     self.cfg, self.params, self.model, self.tok = self.m.cfg, self.m.params, self.m.model, self.m.tokenizer
     self.method = args.method
     self.settings = parse_settings(args.set)
@@ -118,15 +124,33 @@ class Runner:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def _overlays(runner, images, ids, texts, out, alpha):
-  """One RGB picture per pair: overlay (+ coloured tokens when the method gives text attributions)."""
+def read_rgb(path: str) -> np.ndarray:
+  """An image file as it is: uint8 RGB [H, W, 3] at its own resolution (the overlays are drawn on it)."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def _overlays(runner, images, ids, texts, out, alpha, originals=None):
+  """One RGB picture per pair: overlay (+ coloured tokens when the method gives text attributions).
+
+  ``originals``: the image files' own pixels (one per row of ``images``): each map is resampled onto
+  its original image (``overlay.map_to_image``, as grad-cam's show_cam_on_image), so the overlay has
+  the file's resolution and aspect; without them (``--pixels``) the input pixels are drawn on.
+  """
   from trace_jax.utils import overlay as ov
   P = out["map"].shape[0]
-  rgb = ov.denormalize(images)
+  rgb = list(originals) if originals is not None else list(ov.denormalize(images))
   pics = []
   for p in range(P):
-    img = rgb[0] if rgb.shape[0] == 1 else rgb[p]
-    pic = ov.overlay(img, out["map"][p], alpha=alpha)
+    img = rgb[0] if len(rgb) == 1 else rgb[p]
+    heat = out["map"][p]
+    if originals is not None:
+      heat = ov.map_to_image(heat, img.shape[:2], runner.resize)
+    pic = ov.overlay(img, heat, alpha=alpha)
     if "text" in out and out["text"].ndim == 2:
       row = ids[0] if ids.shape[0] == 1 else ids[p]
       toks = _token_strings(runner.tok, texts[p] if texts else None, row)
@@ -152,7 +176,9 @@ def _single(args, runner) -> int:
   if args.image:
     images = runner.load_images([args.image])
     names = [args.image]
+    originals = [read_rgb(args.image)]
   else:
+    originals = None
     images = common.load_pixels(args.pixels)
     names = [args.pixels] * images.shape[0]
   if args.token_ids:
@@ -163,8 +189,8 @@ def _single(args, runner) -> int:
     ids = runner.tokenize(texts)
   out = runner.run(images, ids)
   P = out["map"].shape[0]
-  labels = [f"{t[:30]} ({s:.3f})" for t, s in zip(texts or [f"text {i}" for i in range(P)], out["score"])]
-  pics = _overlays(runner, images, ids, texts, out, args.alpha)
+  labels = [f"{t} ({s:.3f})" for t, s in zip(texts or [f"text {i}" for i in range(P)], out["score"])]
+  pics = _overlays(runner, images, ids, texts, out, args.alpha, originals)
   if args.out:
     pic = pics[0] if P == 1 else ov.contact_sheet(pics, labels, cols=min(P, 4))
     ov.save_png(pic, args.out)
@@ -223,12 +249,13 @@ def _batch(args, runner) -> int:
     ids = runner.tokenize(texts)
     out = runner.run(images, ids)
     results.append(out)
-    for k, pic in enumerate(_overlays(runner, images, ids, texts, out, args.alpha)):
+    originals = [read_rgb(p) for p in (paths[:1] if same else paths)]
+    for k, pic in enumerate(_overlays(runner, images, ids, texts, out, args.alpha, originals)):
       i = len(pics)
       stem = os.path.splitext(os.path.basename(paths[k]))[0]
       ov.save_png(pic, os.path.join(out_dir, f"{i:04d}_{stem}.png"))
       pics.append(pic)
-      labels.append(f"{texts[k][:24]} ({float(out['score'][k]):.2f})")
+      labels.append(f"{texts[k]} ({float(out['score'][k]):.2f})")
     names += paths
     texts_all += texts
   keys = set.intersection(*(set(r) for r in results))
@@ -253,5 +280,10 @@ def run(args) -> int:
     raise ValueError("give --text or --token-ids, not both")
   if (args.image or args.pixels) and not (args.out or args.out_npz):
     raise ValueError("give --out PNG and/or --out-npz FILE")
+  if args.dataset:
+    from trace_jax.cli import datasets
+    args.text = args.text or []
+    runner = Runner(args)
+    return datasets.run_explain(args, runner)
   runner = Runner(args)
   return _batch(args, runner) if (args.csv or args.folder) else _single(args, runner)

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--image", help="image file (squashed to --image-size, as LePreprocess)")
   src.add_argument("--pixels", help=".npy float32 [H, W, 3] or [1, H, W, 3], already normalised")
-  p.add_argument("--masks", nargs="+", required=True, help="mask files (.png/.jpg or .npy)")
+  src.add_argument("--dataset", help="dataset mode: CSV of image,mask rows (trace_jax/cli/datasets.py)")
+  p.add_argument("--masks", nargs="+", help="mask files (.png/.jpg or .npy)")
   p.add_argument("--classes", help="text file, one class name per line: print the top classes per mask")
   p.add_argument("--templates", help="text file of prompt templates with one {} (default: CLIP's 7)")
   p.add_argument("--top", type=int, default=5, help="classes printed per mask")
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--alpha", type=float, default=0.0, help="weight of 1 - cos(LET, z0)")
   p.add_argument("--wd", type=float, default=0.0)
   p.add_argument("--layer-index", type=int, default=-1)
+  from trace_jax.cli import datasets
+  datasets.add_arguments(p, "invert")
 
 
 def load_masks(paths) -> tuple[list[np.ndarray], list[str]]:
@@ -79,6 +82,11 @@ def run(args) -> int:
   import jax.numpy as jnp
   from trace_jax.inversion.maskinversion import invert
   from trace_jax.models import l2_normalize
+  if args.dataset:
+    from trace_jax.cli import datasets
+    return datasets.run_invert(args, load_masks)
+  if not args.masks:
+    raise ValueError("the following arguments are required: --masks (or --dataset CSV)")
 
   arrays, names = load_masks(args.masks)  # before the model: bad masks fail fast
   classes = common.read_lines(args.classes) if args.classes else None

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 
-SOURCES = ("openai", "openclip", "hf", "crate")
+SOURCES = ("openai", "openclip", "hf", "crate", "bigvision")
 
 
 def convert(source: str, src: str, dst: str, model_name: str | None = None, bpe: str | None = None, *,
@@ -100,6 +100,11 @@ def _move_into_place(new: str, dst: str) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_hf_siglip(src: str) -> bool:
+  from trace_jax.convert.siglip import is_hf_siglip_dir
+  return is_hf_siglip_dir(src)
+
+
 def _convert_into(source, src, out, model_name, bpe, trust_torchscript, heads, pool, eta=None, lambd=None) -> None:
   """Write the model dir of ``src`` into the (empty, temporary) directory ``out``."""
   from trace_jax.convert import common
@@ -113,10 +118,23 @@ def _convert_into(source, src, out, model_name, bpe, trust_torchscript, heads, p
     from trace_jax.convert.openai import load_openai
     cfg, params = load_openai(src, trust_torchscript=trust_torchscript)
     tok = common.bpe_files(bpe)
+  elif source == "bigvision":  # SigLIP .npz (trace_jax/convert/siglip.py); no tokenizer shipped
+    from trace_jax.convert.siglip import load_bigvision
+    cfg, params = load_bigvision(src, model_name)
+    tok = {}
   elif source == "openclip":
-    from trace_jax.convert.openclip import load_openclip
-    cfg, params = load_openclip(src, model_name)
-    tok = common.bpe_files(bpe)
+    from trace_jax.convert import siglip
+    loaded = siglip.maybe_load_openclip(src, model_name)  # None unless a SigLIP (CustomTextCLIP) one
+    if loaded is not None:
+      (cfg, params), tok = loaded, {}  # SigLIP's SentencePiece tokenizer is not shipped
+    else:
+      from trace_jax.convert.openclip import load_openclip
+      cfg, params = load_openclip(src, model_name)
+      tok = common.bpe_files(bpe)
+  elif os.path.isdir(src) and _is_hf_siglip(src):
+    from trace_jax.convert import siglip
+    cfg, params = siglip.load_hf_dir(src, siglip.hf_config(src))
+    tok = {}
   else:
     from trace_jax.convert import hf
     cfg, params = hf.load_hf_dir(src)

@@ -13,6 +13,8 @@ it was resumed; process p of P keeps rows [p B / P, (p + 1) B / P) of the global
 
   trace_shapes   the embedded grounding set (trace_jax/data/shapes; built into data.data_dir)
   random         arrays of the right shapes and ranges (tests)
+  image_text, visual_genome, flickr30k_entities, refcoco, refcocoplus, refcocog, coco_captions
+                 real data through Grain (data/train_sources.py, data/grain_pipeline.py)
 """
 from __future__ import annotations
 
@@ -49,9 +51,10 @@ def names() -> tuple[str, ...]:
 
 
 def make(config, split: str | None = None, *, process_index: int | None = None,
-         process_count: int | None = None) -> Source:
+         process_count: int | None = None, tokenizer=None) -> Source:
   """The source of ``config.data`` (``split`` overrides ``config.data.split``); this host's share is
-  ``process_index`` of ``process_count`` (default: jax's)."""
+  ``process_index`` of ``process_count`` (default: jax's). ``tokenizer``: the model's (a model dir's,
+  ``config.init_from``), used instead of the source's own; ``tok(texts) -> int32 [B, L]``."""
   d = config.data
   if d.name not in _REGISTRY:
     raise ValueError(f"unknown data.name {d.name!r}; expected one of {names()}")
@@ -62,7 +65,7 @@ def make(config, split: str | None = None, *, process_index: int | None = None,
     process_index, process_count = jax.process_index(), jax.process_count()
   if d.batch_size % process_count:
     raise ValueError(f"data.batch_size {d.batch_size} is not divisible by the {process_count} processes")
-  return _REGISTRY[d.name](config, split or d.split, process_index, process_count)
+  return _REGISTRY[d.name](config, split or d.split, process_index, process_count, tokenizer=tokenizer)
 
 
 def host_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -95,8 +98,10 @@ def random_batch(config, step: int, rows: slice) -> dict:
 
 
 @register("random")
-def _random_source(config, split, pi, pc) -> Source:
+def _random_source(config, split, pi, pc, tokenizer=None) -> Source:
   d = config.data
+  if tokenizer is not None:
+    raise ValueError("data.name 'random' draws token ids itself; it takes no tokenizer (init_from)")
   rows = host_rows(d.batch_size, pi, pc)
 
   def batches(start, **_):
@@ -104,7 +109,8 @@ def _random_source(config, split, pi, pc) -> Source:
     while True:
       yield random_batch(config, k, rows)
       k += 1
-  return Source("random", {"vocab_size": d.vocab_size, "context_length": d.context_length}, batches)
+  return Source("random", {"vocab_size": d.vocab_size, "context_length": d.context_length,
+                           "image_size": d.image_size}, batches)
 
 
 # ---------------------------------------------------------------------------------------------- trace_shapes
@@ -141,13 +147,13 @@ def split_captions(source) -> list[str]:
 
 
 @register("trace_shapes")
-def _shapes_source(config, split, pi, pc) -> Source:
+def _shapes_source(config, split, pi, pc, tokenizer=None) -> Source:
   d = config.data
   if d.mask not in ("box", "pixels"):
     raise ValueError(f"data.mask must be 'box' or 'pixels'; got {d.mask!r}")
   from trace_jax.data import pipeline
   source = load_shapes_split(d, split)
-  tok = pipeline.make_tokenizer()
+  tok = tokenizer or pipeline.make_tokenizer()
   mask_key = "phrase_box_mask" if d.mask == "box" else "phrase_mask"
 
   def canonical(b):
@@ -164,5 +170,16 @@ def _shapes_source(config, split, pi, pc) -> Source:
     return split_captions(load_shapes_split(d, "train"))
 
   info = {"vocab_size": tok.vocab_size, "context_length": tok.context_length, "tokenizer": tok,
-          "train_captions": train_captions}
+          "train_captions": train_captions, "image_size": d.image_size}   # images rendered at this size
   return Source("trace_shapes", info, batches, needs=("patch_size",), extras={"source": source})
+
+
+# The real training sources (data/train_sources.py; it does not import this module).
+def _register_train_sources():
+  import functools
+  from trace_jax.data import train_sources
+  for name, factory in train_sources.FACTORIES.items():
+    register(name)(functools.partial(factory, Source=Source))
+
+
+_register_train_sources()

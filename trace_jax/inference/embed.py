@@ -46,36 +46,60 @@ def check_token_ids(t: np.ndarray, cfg) -> np.ndarray:
   return t.astype(np.int32)
 
 
-def batched(fn, params, x: np.ndarray, batch_size: int) -> np.ndarray:
-  """Apply a jitted ``fn(params, batch)`` in fixed-size batches (last one padded) -> stacked rows."""
+def batched(fn, params, x: np.ndarray, batch_size: int, devices=None) -> np.ndarray:
+  """Apply a jitted ``fn(params, batch)`` in fixed-size batches (last one padded) -> stacked rows.
+
+  ``devices`` (None: one device; 'all' / n / list): each batch is split over a 1-D 'data' mesh of
+  those devices (``NamedSharding``; the batch size rounded up to a multiple of their count), params
+  replicated: one jitted program runs on all of them."""
+  from trace_jax.inference.explain import _mesh_put
+  from trace_jax.inversion.maskinversion import resolve_devices
+  devs = resolve_devices(devices)
   n = x.shape[0]
   bs = min(batch_size, n)
+  bs = -(-bs // len(devs)) * len(devs)
+  params = _mesh_put(params, devs, False) if len(devs) > 1 else params
   outs = []
   for i in range(0, n, bs):
     chunk = x[i:i + bs]
     k = chunk.shape[0]
     if k < bs:  # pad with copies of the last row: same shapes, no recompilation
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - k, 0)], 0)
+    if len(devs) > 1:
+      chunk = _mesh_put(chunk, devs, True)
     outs.append(np.asarray(fn(params, chunk))[:k])
   return np.concatenate(outs, 0)
 
 
 def embed(cfg, params, pixels: np.ndarray | None = None, ids: np.ndarray | None = None,
-          batch_size: int = 32) -> dict[str, np.ndarray]:
-  """{'image_embeds', 'text_embeds', 'logits_per_image'} (those the inputs allow), float32."""
-  import jax
-  from trace_jax.models import build, l2_normalize
+          batch_size: int = 32, devices=None) -> dict[str, np.ndarray]:
+  """{'image_embeds', 'text_embeds', 'logits_per_image'} (those the inputs allow), float32.
+  ``devices``: see :func:`batched` (None: one device)."""
+  from trace_jax.models import build
   if batch_size < 1:
     raise ValueError(f"batch size must be positive; got {batch_size}")
   model = build(cfg)
   out = {}
   if pixels is not None:
-    f = jax.jit(lambda p, x: l2_normalize(model.apply({"params": p}, x, method="encode_image")[0]))
-    out["image_embeds"] = batched(f, params, check_pixels(pixels, cfg), batch_size)
+    f = _tower(model, "encode_image")
+    out["image_embeds"] = batched(f, params, check_pixels(pixels, cfg), batch_size, devices)
   if ids is not None:
-    f = jax.jit(lambda p, t: l2_normalize(model.apply({"params": p}, t, method="encode_text")[0]))
-    out["text_embeds"] = batched(f, params, check_token_ids(ids, cfg), batch_size)
+    f = _tower(model, "encode_text")
+    out["text_embeds"] = batched(f, params, check_token_ids(ids, cfg), batch_size, devices)
   if pixels is not None and ids is not None:
     scale = np.exp(np.float32(params["logit_scale"]))
     out["logits_per_image"] = (scale * (out["image_embeds"] @ out["text_embeds"].T)).astype(np.float32)
   return out
+
+
+_TOWERS: dict = {}
+
+
+def _tower(model, method: str):
+  """One jitted tower per (model, method), so repeated calls (a dataset's shards) never recompile."""
+  key = (model, method)
+  if key not in _TOWERS:
+    import jax
+    from trace_jax.models import l2_normalize
+    _TOWERS[key] = jax.jit(lambda p, x: l2_normalize(model.apply({"params": p}, x, method=method)[0]))
+  return _TOWERS[key]

@@ -136,8 +136,10 @@ def jacobian_chunk(d: int, n: int, width: int, mlp: int, budget_bytes: float | N
   return int(max(1, min(d, budget_bytes // max(per_row, 1))))
 
 
-def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | None = None):
-  """q [E] -> raw LeGrad grid [gh, gw] from the precomputed gO = dz/do (module docstring)."""
+def decomposed_parts(model, params, state, layer_ids, chunk: int | None = None):
+  """The LET-independent part of the decomposition, per layer: (gO^T [N h e, D], v [N, h, e]).
+
+  Computed once per image (module docstring); :func:`invert` reuses it across all mask chunks."""
   vp = params["visual"]
   act, d = model.cfg.act, model.cfg.embed_dim
   width = model.cfg.vision.width
@@ -156,7 +158,11 @@ def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | No
     # dq = gO^T dr, are then both plain GEMMs over a contiguous axis. With D first, XLA:CPU ran
     # the transposed one ~4x slower than reading gO once (measured at ViT-B/16, 224 px).
     parts.append((g_o.reshape(d, -1).T, v))
+  return tuple(parts)
 
+
+def grid_fn_from_parts(parts, grid_hw):
+  """q [E] -> raw LeGrad grid [gh, gw] from :func:`decomposed_parts`."""
   def grid_fn(q):
     total = 0.0
     for g_t, v in parts:
@@ -165,6 +171,39 @@ def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | No
       total = total + lg.relevance(g)
     return total.reshape(grid_hw)
   return grid_fn
+
+
+def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | None = None):
+  """q [E] -> raw LeGrad grid [gh, gw] from the precomputed gO = dz/do (module docstring)."""
+  return grid_fn_from_parts(decomposed_parts(model, params, state, layer_ids, chunk), grid_hw)
+
+
+def prepare(model, params, image, *, layer_ids, mode, pos_interp="antialias", chunk=None):
+  """Everything of one image that no mask changes: ONE image forward, and in decomposed mode gO.
+
+  image [H, W, 3] -> {'z0': [E] float32, 'parts': per layer in ``layer_ids``: exact ->
+  (x_prev [N, W], attn [h, N, N]); decomposed -> (gO^T [N h e, D], v [N, h, e])}. A pytree of
+  arrays, so it is computed by one jitted call and handed to every mask chunk's call
+  (:func:`invert_prepared`) instead of being recomputed per chunk.
+  """
+  z0, state = lg.image_state(model, params, image, layer_ids, pos_interp)
+  if mode == "exact":
+    parts = tuple(state[l] for l in layer_ids)
+  elif mode == "decomposed":
+    parts = decomposed_parts(model, params, state, layer_ids, chunk)
+  else:
+    raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
+  return {"z0": z0.astype(jnp.float32), "parts": parts}
+
+
+def grid_fn_of(model, params, prepared, layer_ids, grid_hw, mode):
+  """q [E] -> raw LeGrad grid from :func:`prepare`'s output. Exact mode re-linearises the block
+  tails (a block-tail forward per call, never the image forward) from the stored (x_prev, attn)."""
+  if mode == "exact":
+    return exact_grid_fn(model, params, dict(zip(layer_ids, prepared["parts"])), layer_ids, grid_hw)
+  if mode == "decomposed":
+    return grid_fn_from_parts(prepared["parts"], grid_hw)
+  raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
 
 
 # ----------------------------------------------------------------------------- the optimisation
@@ -178,20 +217,23 @@ def objective(model, params, image, masks, weights, alpha, *, layer_ids, mode,
   """
   ps = model.cfg.vision.patch_size
   grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
+  prepared = prepare(model, params, image, layer_ids=layer_ids, mode=mode, pos_interp=pos_interp,
+                     chunk=chunk)
+  return objective_prepared(model, params, prepared, masks, weights, alpha, layer_ids=layer_ids,
+                            mode=mode, grid_hw=grid_hw)
+
+
+def objective_prepared(model, params, prepared, masks, weights, alpha, *, layer_ids, mode, grid_hw):
+  """:func:`objective` from a :func:`prepare`d image (grid_hw = (H, W) // patch, static)."""
+  ps = model.cfg.vision.patch_size
   mask_hw = masks.shape[-2:]
   uh, uw, ch, cw = (jnp.asarray(a, jnp.float32) for a in _operators(grid_hw, ps, mask_hw))
   one_grid = jnp.outer(ch.sum(0), cw.sum(0))
   npix = float(mask_hw[0] * mask_hw[1])
   m_grid, m_sum = project_masks(masks, ch, cw)
 
-  z0, state = lg.image_state(model, params, image, layer_ids, pos_interp)
-  z0 = z0.astype(jnp.float32)
-  if mode == "exact":
-    grid_fn = exact_grid_fn(model, params, state, layer_ids, grid_hw)
-  elif mode == "decomposed":
-    grid_fn = decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk)
-  else:
-    raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
+  z0 = prepared["z0"]
+  grid_fn = grid_fn_of(model, params, prepared, layer_ids, grid_hw, mode)
   z0n = l2_normalize(z0)
 
   def per_mask(let, mg, ms):
@@ -242,9 +284,25 @@ def invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, *
     returned LETs, pre_grid / pre_map of the LETs before the last step (theirs), losses [steps]
     (total), dice [steps] and reg [steps] (weighted means), dice0 [K] / dice_final [K] per mask.
   """
-  loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum) = objective(
-      model, params, image, masks, weights, alpha, layer_ids=layer_ids, mode=mode,
-      pos_interp=pos_interp, chunk=chunk)
+  ps = model.cfg.vision.patch_size
+  grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
+  prepared = prepare(model, params, image, layer_ids=layer_ids, mode=mode, pos_interp=pos_interp,
+                     chunk=chunk)
+  return invert_prepared(model, params, prepared, masks, weights, step_sizes, alpha, decay,
+                         layer_ids=layer_ids, steps=steps, mode=mode, grid_hw=grid_hw)
+
+
+def invert_prepared(model, params, prepared, masks, weights, step_sizes, alpha, decay, *, layer_ids,
+                    steps, mode, grid_hw):
+  """:func:`invert_one` from a :func:`prepare`d image: the optimisation of one chunk of masks.
+
+  The K masks only interact through the weighted sum of their losses, whose gradient w.r.t. LET_k
+  is w_k times mask k's own: chunks of an image's masks with the weights of the whole set (1/K
+  over ALL its masks) give the LETs of the all-at-once call, and the chunks' ``losses`` / ``dice``
+  / ``reg`` add up to its totals (:func:`invert`).
+  """
+  loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum) = objective_prepared(
+      model, params, prepared, masks, weights, alpha, layer_ids=layer_ids, mode=mode, grid_hw=grid_hw)
 
   lets0 = jnp.broadcast_to(z0, (masks.shape[0], z0.shape[-1]))
   # torch.optim.AdamW (single-tensor path): decoupled decay first, then the Adam step with torch's
@@ -289,6 +347,53 @@ def _compiled(cfg, layer_ids, steps, mode, pos_interp, chunk):
 
   batched = jax.vmap(one, in_axes=(None, 0, 0, 0, None, None, None))
   return jax.jit(batched)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk):
+  """jit(prepare): one image [H, W, 3] -> its prepared state (computed once, reused by every chunk)."""
+  model = build(cfg)
+  return jax.jit(lambda params, image: prepare(model, params, image, layer_ids=layer_ids, mode=mode,
+                                               pos_interp=pos_interp, chunk=chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk(cfg, layer_ids, steps, mode, grid_hw):
+  """jit(invert_prepared): one chunk of masks of a prepared image (same chunk shape: one program)."""
+  model = build(cfg)
+
+  def one(params, prepared, masks, weights, step_sizes, alpha, decay):
+    return invert_prepared(model, params, prepared, masks, weights, step_sizes, alpha, decay,
+                           layer_ids=layer_ids, steps=steps, mode=mode, grid_hw=grid_hw)
+  return jax.jit(one)
+
+
+def resolve_devices(devices) -> list:
+  """None -> [the first device] (one-device behaviour); 'all' -> every local device; an int n ->
+  the first n local devices; a sequence of devices as given."""
+  if devices is None:
+    return [jax.local_devices()[0]]
+  if isinstance(devices, str):
+    if devices != "all":
+      raise ValueError(f"devices must be None, 'all', a count or a list of devices; got {devices!r}")
+    return list(jax.local_devices())
+  if isinstance(devices, (int, np.integer)):
+    local = jax.local_devices()
+    if not 1 <= devices <= len(local):
+      raise ValueError(f"devices={devices}: this process has {len(local)} local devices")
+    return list(local[:devices])
+  return list(devices)
+
+
+def _put(x, devs, shard: bool):
+  """x onto ``devs``: split along axis 0 over a 1-D 'data' mesh (``shard``) or replicated there.
+  One device: a plain device_put (the single-device program)."""
+  if len(devs) == 1:
+    return jax.device_put(x, devs[0])
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  mesh = Mesh(np.asarray(devs), ("data",))
+  spec = PartitionSpec("data") if shard else PartitionSpec()
+  return jax.device_put(x, NamedSharding(mesh, spec))
 
 
 # ----------------------------------------------------------------------------- inputs, buckets
@@ -399,13 +504,55 @@ def images_per_call(cfg, image_hw, num_masks: int, num_layers: int, mode: str,
   return max(1, int(budget // image_bytes(cfg, image_hw, num_masks, num_layers, mode)))
 
 
+def masks_per_call(cfg, image_hw, num_layers: int, mode: str, budget: float | None = None) -> int:
+  """How many masks of ONE image a call may take so that :func:`image_bytes` fits ``budget`` (default
+  half the free device memory): the image's fixed part (forward, gO) once, then each mask's share."""
+  budget = memory_budget() if budget is None else float(budget)
+  fixed = image_bytes(cfg, image_hw, 0, num_layers, mode)
+  per_mask = image_bytes(cfg, image_hw, 1, num_layers, mode) - fixed
+  return max(1, int((budget - fixed) // per_mask))
+
+
+def plan(cfg, image_hw, num_masks: int, num_layers: int, mode: str, budget: float | None = None,
+         num_devices: int = 1, max_masks_per_call: int | None = None) -> dict:
+  """How :func:`invert` splits ONE image's ``num_masks`` masks into calls.
+
+  Each device holds the image's prepared state (replicated) and its share of the call's masks, so a
+  call takes ``masks_per_call`` (per device, by the budget) x ``num_devices`` masks. All masks fit:
+  one call of ``bucket_size(K)`` masks (rounded up to the device count). Else calls of
+  ``chunk = bucket_size(ceil(K / calls))`` masks (capped by the budget): few distinct shapes (one
+  compilation per bucket) and under 25 % padding in the last call.
+  Returns {'chunked', 'calls', 'chunk' (masks per call, padding included), 'bytes_per_device'
+  (:func:`image_bytes` of one device's share), 'budget'}.
+  """
+  budget = memory_budget() if budget is None else float(budget)
+  nd = max(1, int(num_devices))
+  cap = masks_per_call(cfg, image_hw, num_layers, mode, budget) * nd
+  if max_masks_per_call is not None:
+    if max_masks_per_call < 1:
+      raise ValueError(f"max_masks_per_call must be >= 1; got {max_masks_per_call}")
+    cap = min(cap, int(max_masks_per_call))
+  up = lambda k: -(-k // nd) * nd        # a multiple of the device count (masks on the data axis)
+  cap = max(nd, cap - cap % nd)
+  whole = up(bucket_size(num_masks))
+  if whole <= cap:
+    calls, chunk = 1, whole
+  else:
+    calls = -(-num_masks // cap)
+    chunk = min(cap, up(bucket_size(-(-num_masks // calls))))
+    calls = -(-num_masks // chunk)
+  return {"chunked": calls > 1, "calls": calls, "chunk": chunk, "budget": budget,
+          "bytes_per_device": image_bytes(cfg, image_hw, -(-chunk // nd), num_layers, mode)}
+
+
 # ----------------------------------------------------------------------------- API
 
 def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mode: str = "auto",
            layers=DEFAULT_LAYER_INDEX, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
            alpha: float = 0.0, wd: float = 0.0, pos_interp: str = "antialias", bucket: bool = True,
            return_pre_step_map: bool = False, chunk: int | None = None,
-           max_images_per_call: int | None = None):
+           max_images_per_call: int | None = None, max_masks_per_call: int | None = None,
+           budget: float | None = None, devices=None):
   """MaskInversion: one localized embedding token (LET) per mask. Needs a ViT image tower (LeGrad's
   block recompute, trace_jax/models/blocks.py); other towers are refused with a ValueError naming them.
 
@@ -426,6 +573,16 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     max_images_per_call: images per vmapped call (default: as many as :func:`images_per_call`
       fits in half the free memory); larger sets run in equal-sized calls (one compilation), the
       last padded with copies of its first image whose results are dropped.
+    max_masks_per_call, budget: an image whose masks do not fit one call (by :func:`plan`: the
+      ``budget`` in bytes, default half the free device memory, or at most ``max_masks_per_call``)
+      runs alone: ONE jitted :func:`prepare` (the image forward, and gO in decomposed mode), then
+      its masks in equal-sized chunks that all reuse it, each with the weights of the whole set
+      (1/K), so the LETs and maps equal the all-at-once call's and ``losses`` / ``dice`` / ``reg``
+      are the sums over the chunks.
+    devices: None = one device; 'all' / n / a list: every call is one jit sharded with
+      ``NamedSharding`` over a 1-D 'data' mesh of these devices: images on that axis (the calls
+      over images), or one image's masks on that axis with its prepared state replicated (the
+      chunked calls); results equal the one-device ones.
   Returns:
     one image: dict with ``lets`` [K, E] (un-normalised, like theirs), ``map`` [K, Hm, Wm] in [0, 1],
     ``grid`` [K, gh, gw] raw LeGrad relevance, ``losses`` [steps] (their per-iteration loss),
@@ -467,18 +624,46 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids))
   fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk)
   hyper = hyper_args(lr, alpha, wd, steps)
+  devs = resolve_devices(devices)
+  nd = len(devs)
+  hyper_d = [_put(h, devs, False) for h in hyper]
+  params_d = _put(params, devs, False)
+
+  def result(r, k):
+    res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
+           "reg": r["reg"], "dice0": r["dice0"][:k], "dice_final": r["dice_final"][:k], "mode": mode}
+    if return_pre_step_map:
+      res.update(grid=r["pre_grid"][:k], map=r["pre_map"][:k])
+    else:
+      res.update(grid=r["grid"][:k], map=r["map"][:k])
+    return res
 
   # Images whose masks share a size run in vmapped calls (K padded to a common bucket), as many
-  # images per call as fit the memory budget.
+  # images per call as fit the memory budget. An image whose masks do not fit one call runs alone,
+  # its masks in chunks (plan()).
   groups: dict[tuple[int, int], list[int]] = {}
   for i, m in enumerate(per_image):
     groups.setdefault(m.shape[1:], []).append(i)
   results: list = [None] * b
   for hw, idx in groups.items():
+    big = []
+    for i in idx:
+      pl = plan(cfg, ims.shape[1:3], per_image[i].shape[0], len(layer_ids), mode, budget, nd,
+                max_masks_per_call)
+      if pl["chunked"]:
+        big.append(i)
+        results[i] = result(_invert_chunked(cfg, params_d, ims[i], per_image[i], pl["chunk"],
+                                            layer_ids, steps, mode, pos_interp, chunk, hyper_d,
+                                            devs), per_image[i].shape[0])
+    idx = [i for i in idx if i not in big]
+    if not idx:
+      continue
     kpad = max(per_image[i].shape[0] for i in idx)
     kpad = bucket_size(kpad) if bucket else kpad
-    per_call = max_images_per_call or images_per_call(cfg, ims.shape[1:3], kpad, len(layer_ids), mode)
+    per_call = max_images_per_call or images_per_call(cfg, ims.shape[1:3], kpad, len(layer_ids), mode,
+                                                      budget) * nd
     per_call = max(1, min(int(per_call), len(idx)))
+    per_call = -(-per_call // nd) * nd  # images on the data axis: a multiple of the device count
     for start in range(0, len(idx), per_call):
       part = idx[start:start + per_call]
       rows = part + [part[0]] * (per_call - len(part))  # equal-sized calls: one compilation
@@ -488,16 +673,38 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
         k = per_image[i].shape[0]
         mk[j, :k] = per_image[i]
         wt[j, :k] = 1.0 / k
-      out = fn(params, jnp.asarray(ims[np.asarray(rows)]), jnp.asarray(mk), jnp.asarray(wt), *hyper)
+      out = fn(params_d, _put(np.asarray(ims[np.asarray(rows)]), devs, True), _put(mk, devs, True),
+               _put(wt, devs, True), *hyper_d)
       for j, i in enumerate(part):
-        k = per_image[i].shape[0]
-        r = {key: val[j] for key, val in out.items()}
-        res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
-               "reg": r["reg"], "dice0": r["dice0"][:k], "dice_final": r["dice_final"][:k],
-               "mode": mode}
-        if return_pre_step_map:
-          res.update(grid=r["pre_grid"][:k], map=r["pre_map"][:k])
-        else:
-          res.update(grid=r["grid"][:k], map=r["map"][:k])
-        results[i] = res
+        results[i] = result({key: val[j] for key, val in out.items()}, per_image[i].shape[0])
   return results if as_list else results[0] if b == 1 else results
+
+
+def _invert_chunked(cfg, params, image, masks, size, layer_ids, steps, mode, pos_interp, chunk, hyper,
+                    devs):
+  """One image's K masks in calls of ``size`` masks, all reusing ONE prepared image state.
+
+  Every chunk carries the weights of the whole set (1/K; padding 0): the LETs equal the all-at-once
+  call's (invert_prepared's docstring) and the chunks' per-step losses sum to its losses."""
+  ps = cfg.vision.patch_size
+  grid_hw = (image.shape[0] // ps, image.shape[1] // ps)
+  prep = _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk)(
+      params, _put(np.asarray(image, np.float32), devs, False))
+  run = _compiled_chunk(cfg, layer_ids, int(steps), mode, grid_hw)
+  k = masks.shape[0]
+  outs = []
+  for start in range(0, k, size):
+    part = masks[start:start + size]
+    n = part.shape[0]
+    mk = np.ones((size,) + masks.shape[1:], np.float32)  # padding: valid masks with weight 0
+    mk[:n] = part
+    wt = np.zeros((size,), np.float32)
+    wt[:n] = 1.0 / k
+    out = run(params, prep, _put(mk, devs, True), _put(wt, devs, True), *hyper)
+    outs.append({key: np.asarray(val) for key, val in out.items()} | {"_n": n})
+  per_mask = ("lets", "grid", "map", "pre_grid", "pre_map", "dice0", "dice_final")
+  res = {key: np.concatenate([o[key][:o["_n"]] for o in outs]) for key in per_mask}
+  for key in ("losses", "dice", "reg"):  # weighted sums over disjoint mask sets add up
+    res[key] = np.sum([o[key] for o in outs], axis=0, dtype=np.float64).astype(np.float32)
+  res["z0"] = np.asarray(prep["z0"])
+  return res

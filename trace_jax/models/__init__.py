@@ -9,7 +9,10 @@ __all__ = ["CLIP", "CLIPConfig", "TextConfig", "VisionConfig", "TextTransformer"
 
 
 def build(cfg: "CLIPConfig"):
-  """The linen module for a config (ViT or CRATE image tower)."""
+  """The linen module for a config (ViT or CRATE image tower; SigLIP for vision kind 'siglip')."""
+  if cfg.vision.kind == "siglip":  # trace_jax/models/siglip.py
+    from trace_jax.models.siglip import SigLIP
+    return SigLIP(cfg)
   return CLIP(cfg)
 
 

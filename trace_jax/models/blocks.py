@@ -46,7 +46,7 @@ from trace_jax.models.layers import ACTIVATIONS, LayerNorm, ResidualAttentionBlo
 Dtype = Any
 F32 = jnp.float32
 
-TOWER_NAMES = {"vit": "ViT", "crate": "CRATE"}
+TOWER_NAMES = {"vit": "ViT", "crate": "CRATE", "siglip": "SigLIP (MAP-pooled ViT)"}
 
 
 # ----------------------------------------------------------------------------- tower kind

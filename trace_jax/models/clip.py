@@ -44,6 +44,7 @@ class VisionTransformer(nn.Module):
   embed_dim: int
   act: str = "quick_gelu"
   dtype: Any = jnp.float32
+  scale: tuple = ()   # (remat, scan_layers, attention) of CLIPConfig; () = the defaults
 
   def setup(self):
     c = self.cfg
@@ -56,7 +57,7 @@ class VisionTransformer(nn.Module):
     self.positional_embedding = self.param(
         "positional_embedding", part(nn.initializers.normal(w ** -0.5), (None, "embed")), (n, w), jnp.float32)
     self.ln_pre = LayerNorm(self.dtype)
-    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype)
+    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype, *self.scale)
     self.ln_post = LayerNorm(self.dtype)
     self.proj = self.param("proj", part(nn.initializers.normal(w ** -0.5), ("embed", None)),
                            (w, self.embed_dim), jnp.float32)
@@ -92,6 +93,7 @@ class TextTransformer(nn.Module):
   embed_dim: int
   act: str = "quick_gelu"
   dtype: Any = jnp.float32
+  scale: tuple = ()   # (remat, scan_layers, attention) of CLIPConfig; () = the defaults
 
   def setup(self):
     c = self.cfg
@@ -100,7 +102,7 @@ class TextTransformer(nn.Module):
     self.positional_embedding = self.param(
         "positional_embedding", part(nn.initializers.normal(0.01), (None, "embed")),
         (c.context_length, c.width), jnp.float32)
-    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype)
+    self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype, *self.scale)
     self.ln_final = LayerNorm(self.dtype)
     self.text_projection = self.param(
         "text_projection", part(nn.initializers.normal(c.width ** -0.5), ("embed", None)),
@@ -141,14 +143,15 @@ class CLIP(nn.Module):
   def setup(self):
     c = self.cfg
     dt = _dtype(c.dtype)
+    scale = (c.remat, c.scan_layers, c.attention)
     if c.vision.kind == "crate":  # CRATE white-box image tower (trace_jax/models/crate.py)
       from trace_jax.models.crate import CrateVision, crate_config_from_clip
       self.visual = CrateVision(crate_config_from_clip(c), dt, embed_dim=c.embed_dim)
     elif c.vision.kind == "vit":
-      self.visual = VisionTransformer(c.vision, c.embed_dim, c.act, dt)
+      self.visual = VisionTransformer(c.vision, c.embed_dim, c.act, dt, scale)
     else:
       raise ValueError(f"unknown image tower kind {c.vision.kind!r}; expected 'vit' or 'crate'")
-    self.text = TextTransformer(c.text, c.embed_dim, c.act, dt)
+    self.text = TextTransformer(c.text, c.embed_dim, c.act, dt, scale)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init), (), jnp.float32)
 
   def encode_image(self, images, pos_interp: str | None = None):

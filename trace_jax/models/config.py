@@ -45,6 +45,12 @@ class CLIPConfig:
   logit_scale_init: float = math.log(1 / 0.07)
   # Extra, model-specific options of other image towers (e.g. CRATE's ISTA step size).
   extra: tuple = ()
+  # Large-model memory / speed options of the ViT and text towers (docs/scale.md): rematerialisation
+  # policy, nn.scan over the blocks, fused attention. Training-time only: model dirs are saved with
+  # the defaults (trace_jax.models.scale.inference_layout), and to_dict omits them when default.
+  remat: str = "none"
+  scan_layers: bool = False
+  attention: str = "explicit"
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
@@ -52,6 +58,9 @@ class CLIPConfig:
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["extra"] = dict(self.extra)
+    for k, default in SCALE_DEFAULTS.items():  # unchanged JSON (and resume checks) when off
+      if d[k] == default:
+        del d[k]
     return d
 
   @classmethod
@@ -77,3 +86,6 @@ class CLIPConfig:
   @classmethod
   def from_json(cls, s: str) -> "CLIPConfig":
     return cls.from_dict(json.loads(s))
+
+
+SCALE_DEFAULTS = {"remat": "none", "scan_layers": False, "attention": "explicit"}

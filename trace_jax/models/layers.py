@@ -30,7 +30,16 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=False)  # torch nn.GELU() / HF "gelu" are the erf form
 
 
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)  # HF "gelu_pytorch_tanh" / big_vision nn.gelu (SigLIP)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "gelu_tanh": gelu_tanh}
+
+# Large-model options of the ViT / text towers (docs/scale.md); the defaults change nothing.
+ATTENTION = ("explicit", "fused")
+REMAT_POLICIES = ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable", "nothing_saveable")
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
@@ -59,12 +68,13 @@ class LayerNorm(nn.Module):
   LayerNorm for low precision), cast back; ``axis_name`` is the feature axis' logical name."""
   dtype: Dtype = jnp.float32
   axis_name: str | None = "embed"
+  eps: float = LN_EPS  # SigLIP towers (timm / HF / big_vision): 1e-6
 
   @nn.compact
   def __call__(self, x):
     acc = acc_dtype(self.dtype)
     # use_fast_variance=False: two-pass variance like torch (E[x²]-E[x]² loses digits on large means).
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=acc, param_dtype=jnp.float32, use_fast_variance=False,
+    y = nn.LayerNorm(epsilon=self.eps, dtype=acc, param_dtype=jnp.float32, use_fast_variance=False,
                      scale_init=part(nn.initializers.ones, (self.axis_name,)),
                      bias_init=part(nn.initializers.zeros, (self.axis_name,)), name="ln")(x.astype(acc))
     return y.astype(self.dtype)
@@ -92,9 +102,21 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "explicit"   # or "fused": see ``uses_fused`` (docs/scale.md)
+
+  def uses_fused(self) -> bool:
+    """``attention='fused'`` takes ``jax.nn.dot_product_attention`` (no probabilities materialised,
+    cuDNN flash attention on GPU) only where nothing reads the probabilities: a call without a
+    ``'perturbations'`` collection. Every attribution method (and AMC's GradCAM) applies the model
+    with perturbations (attribution/common.encode_vjp), so it always gets the explicit path."""
+    if self.attention == "explicit":
+      return False
+    return not (self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "attn"))
 
   @nn.compact
   def __call__(self, x, mask=None):
+    if self.attention not in ATTENTION:
+      raise ValueError(f"model attention must be one of {ATTENTION}; got {self.attention!r}")
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by {self.num_heads} heads")
@@ -107,12 +129,17 @@ class MultiHeadAttention(nn.Module):
     q = proj("query")(x) * (hd ** -0.5)  # scale q before the product, as torch MHA and HF do
     k = proj("key")(x)
     v = proj("value")(x)
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(acc_dtype(self.dtype))
-    if mask is not None:
-      logits = jnp.where(mask, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = self.perturb("attn", probs)
-    out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
+    if self.uses_fused():
+      # Same math (q pre-scaled, so scale=1); probabilities are not returned (None in aux).
+      out = jax.nn.dot_product_attention(q, k, v, scale=1.0, mask=mask)
+      probs = None
+    else:
+      logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(acc_dtype(self.dtype))
+      if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+      probs = jax.nn.softmax(logits, axis=-1)
+      probs = self.perturb("attn", probs)
+      out = jnp.einsum("...hqk,...khd->...qhd", probs.astype(self.dtype), v)
     out = nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
                           kernel_init=part(init, ("heads", "kv", "embed")),
                           bias_init=part(nn.initializers.zeros, ("embed",)))(out)
@@ -143,31 +170,78 @@ class ResidualAttentionBlock(nn.Module):
   mlp_ratio: float = 4.0
   act: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  attention: str = "explicit"
+  ln_eps: float = LN_EPS  # 1e-6 in the SigLIP towers (trace_jax/models/siglip.py)
 
   @nn.compact
   def __call__(self, x, mask=None):
     width = x.shape[-1]
-    y, probs = MultiHeadAttention(self.num_heads, self.dtype, name="attn")(
-        LayerNorm(self.dtype, name="ln_1")(x), mask)
+    y, probs = MultiHeadAttention(self.num_heads, self.dtype, self.attention, name="attn")(
+        LayerNorm(self.dtype, eps=self.ln_eps, name="ln_1")(x), mask)
     x = x + y
-    x = x + mlp(LayerNorm(self.dtype, name="ln_2")(x), int(width * self.mlp_ratio), self.act, self.dtype)
+    x = x + mlp(LayerNorm(self.dtype, eps=self.ln_eps, name="ln_2")(x), int(width * self.mlp_ratio),
+                self.act, self.dtype)
     x = self.perturb("tokens", x)
     return x, {"attn": probs, "tokens": x}
 
 
+class _ScannedBlock(ResidualAttentionBlock):
+  """A block as ``nn.scan``'s body: carry = tokens; no per-layer outputs (stacking every layer's
+  attention probabilities would cost the memory that scanning saves)."""
+
+  def __call__(self, x, mask=None):
+    x, _ = super().__call__(x, mask)
+    return x, None
+
+
+def remat_policy(name: str):
+  """``model.remat`` -> a ``jax.checkpoint`` policy: 'block' recomputes the whole block in the
+  backward pass (saves only its input); other names are ``jax.checkpoint_policies`` members."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat must be one of {REMAT_POLICIES}; got {name!r}")
+  if name == "block":
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)
+
+
 class Transformer(nn.Module):
-  """A stack of blocks named ``block_{i}``; returns (x, [aux_0, ..., aux_{L-1}])."""
+  """A stack of blocks named ``block_{i}``; returns (x, [aux_0, ..., aux_{L-1}]).
+
+  Memory options (docs/scale.md; defaults = the plain unrolled stack):
+  ``remat`` wraps each block in ``nn.remat`` with a named policy (same params, same numerics);
+  ``scan_layers`` runs ONE compiled block body under ``nn.scan`` over params stacked on a leading
+  'layers' axis (``params['blocks']`` instead of ``block_{i}``; ``trace_jax.models.scale`` converts
+  between the layouts), returns ``None`` for the per-block aux and refuses a ``'perturbations'``
+  collection (attribution needs the unrolled layout: model dirs are always saved unrolled).
+  """
   layers: int
   num_heads: int
   mlp_ratio: float = 4.0
   act: str = "quick_gelu"
   dtype: Dtype = jnp.float32
+  remat: str = "none"
+  scan_layers: bool = False
+  attention: str = "explicit"
+  ln_eps: float = LN_EPS  # 1e-6 in the SigLIP towers (trace_jax/models/siglip.py)
 
   @nn.compact
   def __call__(self, x, mask=None):
+    policy = remat_policy(self.remat) if self.remat != "none" else None
+    args = (self.num_heads, self.mlp_ratio, self.act, self.dtype, self.attention, self.ln_eps)
+    if self.scan_layers:
+      if not self.is_initializing() and (self.is_mutable_collection("perturbations")
+                                         or "perturbations" in self.variables):
+        raise ValueError("model.scan_layers does not expose per-block attention (attribution, AMC's "
+                         "GradCAM); train with scan_layers=False (model.remat saves memory and keeps it)")
+      body = _ScannedBlock if policy is None else nn.remat(_ScannedBlock, policy=policy, prevent_cse=False)
+      stack = nn.scan(body, variable_axes={"params": 0, "perturbations": 0}, split_rngs={"params": True},
+                      in_axes=nn.broadcast, length=self.layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(*args, name="blocks")(x, mask)
+      return x, None
+    block = ResidualAttentionBlock if policy is None else nn.remat(ResidualAttentionBlock, policy=policy)
     auxes = []
     for i in range(self.layers):
-      x, aux = ResidualAttentionBlock(self.num_heads, self.mlp_ratio, self.act, self.dtype,
-                                      name=f"block_{i}")(x, mask)
+      x, aux = block(*args, name=f"block_{i}")(x, mask)
       auxes.append(aux)
     return x, auxes

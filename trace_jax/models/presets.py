@@ -62,6 +62,35 @@ CRATE_CLIP: dict[str, CLIPConfig] = {
 NAMED.update(CRATE_CLIP)
 
 
+def _siglip():
+  from trace_jax.models.siglip import make_config as s
+  # open_clip 2.23.0 model_configs/ViT-*-SigLIP*.json (timm vit_*_siglip_*: erf GELU, LN eps 1e-6,
+  # text context 64, vocab 32000 (i18n: 250000), embed = width, no image head). A Hugging Face /
+  # big_vision conversion sets act='gelu_tanh' (trace_jax/convert/siglip.py).
+  b = dict(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072)
+  l = dict(patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096)
+  so = dict(patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304)
+  return {
+      "ViT-B-16-SigLIP": s(image_size=224, **b),
+      "ViT-B-16-SigLIP-256": s(image_size=256, **b),
+      "ViT-B-16-SigLIP-384": s(image_size=384, **b),
+      "ViT-B-16-SigLIP-512": s(image_size=512, **b),
+      "ViT-B-16-SigLIP-i18n-256": s(image_size=256, vocab_size=250000, **b),
+      "ViT-L-16-SigLIP-256": s(image_size=256, **l),
+      "ViT-L-16-SigLIP-384": s(image_size=384, **l),
+      # So400m: text tower width 1152, 27 layers, 16 heads, mlp 4304, as the image tower.
+      "ViT-SO400M-14-SigLIP": s(image_size=224, context_length=16, **so),
+      "ViT-SO400M-14-SigLIP-384": s(image_size=384, context_length=64, **so),
+      # tiny SigLIP for tests (sizes of the ViT 'tiny' preset, text width = image width).
+      "siglip-tiny": s(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_dim=256,
+                       context_length=16, vocab_size=1000),
+  }
+
+
+SIGLIP: dict[str, CLIPConfig] = _siglip()
+NAMED.update(SIGLIP)
+
+
 def get_config(name: str) -> CLIPConfig:
   """The preset ``name`` (``NAMED``: ViT CLIP sizes and the 'crate-clip-*' CRATE-tower sizes)."""
   if name not in NAMED:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from trace_jax.objectives.base import Task, model_config  # noqa: F401
+from trace_jax.objectives.base import (Task, model_config, parse_freeze, pretrained_tree,  # noqa: F401
+                                       trainable_fn)
 from trace_jax.objectives.registry import _DEFAULTS, _REGISTRY, register  # noqa: F401
 
 def _load_all():
@@ -37,11 +38,15 @@ def add_defaults(loss: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return loss
 
 
-def make(config, info: dict | None = None) -> Task:
+def make(config, info: dict | None = None, init=None) -> Task:
   """The Task of ``config.loss.name``; ``info`` is the data source's (tokenizer, vocab_size,
-  context_length, train_captions, ...)."""
+  context_length, train_captions, ...); ``init`` the loaded model dir of ``config.init_from``
+  (trace_jax.model_dir.ModelDir), whose config the model takes and whose params start the run."""
   _load_all()
   name = config.loss.name
   if name not in _REGISTRY:
     raise ValueError(f"unknown loss.name {name!r}; expected one of {tuple(_REGISTRY)}")
-  return _REGISTRY[name](config, dict(info or {}))
+  freeze = parse_freeze(config.get("freeze", ""))
+  task = _REGISTRY[name](config, dict(info or {}), init)
+  pretrained = pretrained_tree(init, task.heads) if init is not None else None
+  return task._replace(pretrained=pretrained, trainable=trainable_fn(freeze))

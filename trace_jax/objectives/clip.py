@@ -15,6 +15,7 @@ import ml_collections
 
 from trace_jax.losses.amc import amc_loss
 from trace_jax.losses.contrastive import clip_contrastive_loss
+from trace_jax.losses.sigmoid import sigmoid_loss_chunked
 from trace_jax.losses.local_alignment import local_alignment_forward, local_alignment_total
 from trace_jax.models import build
 from trace_jax.models import text_compression as tc_lib
@@ -26,6 +27,8 @@ from trace_jax.objectives.base import Task, model_config
 # phrase-box batch itself (notes/amc-and-local-alignment.md §6): --config.loss.global_texts=phrase
 # reproduces that (docs/training.md, "AMC: deviations").
 GLOBAL_TEXTS = ("caption", "phrase", "caption+phrase")
+# config.loss.global_loss: CLIP's softmax InfoNCE or SigLIP's sigmoid loss (trace_jax/losses/sigmoid.py).
+GLOBAL_LOSSES = ("softmax", "sigmoid")
 
 
 def amc_defaults() -> ml_collections.ConfigDict:
@@ -58,12 +61,22 @@ def make_compressor(config, cfg) -> tc_lib.TextCompression:
 
 @register("contrastive", "amc", "local_alignment",
                      defaults={"amc": amc_defaults, "local": local_defaults})
-def make_clip_task(config, info: dict) -> Task:
+def make_clip_task(config, info: dict, init=None) -> Task:
   name = config.loss.name
   if config.loss.global_texts not in GLOBAL_TEXTS:
     raise ValueError(f"loss.global_texts must be one of {GLOBAL_TEXTS}; got {config.loss.global_texts!r}")
-  cfg = model_config(config.model, info)
+  cfg = model_config(config.model, info, init.config if init is not None else None,
+                     init.desc if init is not None else "")
   model = build(cfg)
+  global_kind = config.loss.get("global_loss", "softmax")
+  if global_kind not in GLOBAL_LOSSES:
+    raise ValueError(f"loss.global_loss must be one of {GLOBAL_LOSSES}; got {global_kind!r}")
+  if global_kind == "sigmoid" and cfg.vision.kind != "siglip":
+    raise ValueError("loss.global_loss=sigmoid needs a SigLIP model (a learnable logit bias): "
+                     f"this model's image tower is {cfg.vision.kind!r}; use a 'ViT-*-SigLIP*' / 'siglip-*' preset")
+  if global_kind == "sigmoid" and name == "local_alignment":
+    raise ValueError("loss.global_loss=sigmoid is not wired into local_alignment's global term yet; "
+                     "use contrastive or amc")
   compressor = make_compressor(config, cfg) if name == "local_alignment" else None
   heads = {"text_compression": tc_lib.to_meta(compressor, cfg.dtype)} if compressor is not None else {}
   s, L = cfg.vision.image_size, cfg.text.context_length
@@ -82,7 +95,10 @@ def make_clip_task(config, info: dict) -> Task:
     for key in {"caption": ["caption_ids"], "phrase": ["phrase_ids"],
                 "caption+phrase": ["caption_ids", "phrase_ids"]}[config.loss.global_texts]:
       txt, _ = model.apply({"params": clip_params}, batch[key], method="encode_text")
-      losses.append(clip_contrastive_loss(img, txt, clip_params["logit_scale"]))
+      if global_kind == "sigmoid":  # SigLIP: chunked over the batch shards (trace_jax/losses/sigmoid.py)
+        losses.append(sigmoid_loss_chunked(img, txt, clip_params["logit_scale"], clip_params["logit_bias"]))
+      else:
+        losses.append(clip_contrastive_loss(img, txt, clip_params["logit_scale"]))
     return sum(losses) / len(losses)
 
   def loss_fn(params, batch, rng):

@@ -66,14 +66,18 @@ class TraceTask(NamedTuple):
   tokenizer: Any
   trace_cfg: tl.TraceConfig
   gate: bool
+  pretrained: dict | None = None
+  trainable: Any = None
 
 
-def trace_model_config(config, data_info: dict | None = None):
+def trace_model_config(config, data_info: dict | None = None, init=None):
   """base.model_config, refusing a tower that is not CRATE (TRACE reads the MSSA subspaces)."""
-  cfg = model_config(config.model, data_info)
+  cfg = model_config(config.model, data_info, init.config if init is not None else None,
+                     init.desc if init is not None else "")
   if cfg.vision.kind != "crate":
+    what = init.desc if init is not None else f"model.preset {config.model.preset!r}"
     raise ValueError(f"TRACE needs a CRATE image tower (model.preset 'crate-clip-*'); "
-                     f"{config.model.preset!r} has vision.kind {cfg.vision.kind!r}")
+                     f"{what} has vision.kind {cfg.vision.kind!r}")
   return cfg
 
 
@@ -83,7 +87,7 @@ def head_meta(vocab: TraceVocab, tcfg: tl.TraceConfig, gate: bool) -> dict:
 
 
 @register("trace", defaults={"trace": default_trace_config})
-def make_trace_task(config, info: dict | None = None) -> TraceTask:
+def make_trace_task(config, info: dict | None = None, init=None) -> TraceTask:
   """The TRACE objective for ``config`` (see the module docstring)."""
   info = dict(info or {})
   tc = config.loss.trace
@@ -93,7 +97,8 @@ def make_trace_task(config, info: dict | None = None) -> TraceTask:
     raise ValueError("TRACE needs the data source's tokenizer (info['tokenizer'])")
   info.setdefault("vocab_size", tok.vocab_size)
   info.setdefault("context_length", tok.context_length)
-  cfg = trace_model_config(config, {k: info[k] for k in ("vocab_size", "context_length")})
+  cfg = trace_model_config(config, {k: info[k] for k in ("vocab_size", "context_length", "image_size")
+                                    if k in info}, init)
   if cfg.text.vocab_size < tok.vocab_size:
     raise ValueError(f"text vocab_size {cfg.text.vocab_size} < tokenizer vocab_size {tok.vocab_size}")
   caps = info.get("train_captions")

@@ -36,7 +36,9 @@ import ml_collections
 import numpy as np
 
 from trace_jax.training import checkpointing as ckpt_lib
+from trace_jax.training import accumulate
 from trace_jax.training import mesh as mesh_lib
+from trace_jax.training import multihost
 from trace_jax.training import sharding as shd
 from trace_jax.training import state as state_lib
 from trace_jax.training import step as step_lib
@@ -53,6 +55,8 @@ class _Preemption:
   def __enter__(self):
     def handler(signum, frame):
       self.requested = True
+    if multihost.sigterm_handled_by_jax():  # multi-process: jax's preemption service (training/multihost.py)
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: no handler (pre-emption then only via orbax sync)
@@ -77,7 +81,10 @@ class _WorkdirLock:
   process dies, so a killed run leaves nothing that blocks the next)."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, ".lock")
+    # one lock file per process of a multi-process run (all share the workdir); process 0's is the
+    # single-process name, so two runs of any process counts still exclude each other
+    i = jax.process_index()
+    self.path = os.path.join(workdir, ".lock" if i == 0 else f".lock.{i}")
     self.f = None
 
   def __enter__(self):
@@ -108,6 +115,7 @@ def validate(config, mesh) -> None:
   if int(config.data.batch_size) <= 0:
     raise ValueError(f"data.batch_size must be positive; got {config.data.batch_size}")
   shd.check_batch_size(config.data.batch_size, mesh)
+  accumulate.check_microbatches(config.data.batch_size, config.train.get("microbatches", 1), mesh)
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -185,7 +193,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, source, *, mesh
 
 def _train_locked(config, workdir, task, source, mesh):
   total = int(config.train.steps)
-  tx, schedule = state_lib.make_optimizer(config.optim, total)
+  tx, schedule = state_lib.make_optimizer(config.optim, total, task.trainable)
   is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.keep,
@@ -202,6 +210,8 @@ def _train_locked(config, workdir, task, source, mesh):
       print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
   if state is None:
     state, _ = state_lib.create_state(task.init_params, tx, mesh, config.seed)
+    if task.pretrained:    # config.init_from: the model dir's params over the fresh init (new heads stay)
+      state = state.replace(params=state_lib.place_pretrained(state.params, task.pretrained))
     start = 0
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if is_main:
@@ -211,7 +221,9 @@ def _train_locked(config, workdir, task, source, mesh):
       f.write(task.cfg.to_json())
     _truncate_metrics(metrics_path, start)
 
-  train_step = step_lib.jit_train_step(step_lib.make_train_step(task.loss_fn, tx, schedule), shardings, mesh)
+  train_step = step_lib.jit_train_step(step_lib.make_train_step(
+      task.loss_fn, tx, schedule, task.trainable, microbatches=config.train.get("microbatches", 1), mesh=mesh),
+      shardings, mesh)
   meta_base = {"config": json.loads(config.to_json_best_effort()), "model_config": task.cfg.to_dict(),
                "heads": task.heads}
 
@@ -225,7 +237,7 @@ def _train_locked(config, workdir, task, source, mesh):
   step = start
   status = "finished"
   t_last, n_last = time.perf_counter(), start
-  needs = {"patch_size": task.cfg.vision.patch_size}
+  needs = {"patch_size": task.cfg.vision.patch_size, "image_size": task.cfg.vision.image_size}
   with jax.set_mesh(mesh), _Preemption() as pre:
     it = source.batches(start, **{k: needs[k] for k in source.needs})
     while step < total:
@@ -260,10 +272,8 @@ def _train_locked(config, workdir, task, source, mesh):
   if bar is not None:
     bar.close()
   if status == "finished" and config.checkpoint.export_model:
-    if jax.process_count() == 1:
-      export_model(os.path.join(workdir, "model"), state, task, source.info, config)
-    elif is_main:  # the params are not fully addressable from one host; evaluate.py reads checkpoints
-      print("multi-host run: no model dir exported (use the checkpoint)", file=sys.stderr)
+    # every process joins the gather of the sharded params; process 0 writes (training/multihost.py)
+    export_model(os.path.join(workdir, "model"), state, task, source.info, config)
   return state
 
 
@@ -271,12 +281,17 @@ def export_model(directory: str, state, task, data_info: dict | None, config) ->
   """The trained params -> a model dir: CLIP params, the data's tokenizer and the objective's heads."""
   import tempfile
   from trace_jax import model_dir
-  params = jax.device_get(state.params)
+  params = multihost.host_params(state.params)   # a collective when multi-process: all call it
+  if jax.process_index() != 0:
+    return directory
+  from trace_jax.models import scale
+  cfg, params = scale.inference_layout(task.cfg, params)   # unrolled blocks, default model.* tools
   tok = (data_info or {}).get("tokenizer")
   with tempfile.TemporaryDirectory() as tmp:
     files = {}
-    if tok is not None and hasattr(tok, "save"):
-      files["words.json"] = tok.save(os.path.join(tmp, "words.json"))
-    model_dir.save(directory, params, task.cfg, source=f"train.py {config.loss.name}", tokenizer_files=files,
+    if tok is not None and hasattr(tok, "save"):   # word-level (words.json) or CLIP BPE (vocab + merges)
+      tok.save(tmp)
+      files = {n: os.path.join(tmp, n) for n in sorted(os.listdir(tmp))}
+    model_dir.save(directory, params, cfg, source=f"train.py {config.loss.name}", tokenizer_files=files,
                    heads=task.heads)
   return directory

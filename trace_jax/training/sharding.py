@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv", None),
     ("vocab", "tensor"),
+    ("layers", None),   # the stacked-blocks axis of model.scan_layers (models/layers.Transformer)
 )
 
 
@@ -55,14 +56,22 @@ def logical_shardings(abstract_boxed: Any, mesh, rules=LOGICAL_AXIS_RULES) -> An
   """Tree of ``NamedSharding`` for a tree whose leaves may be ``nn.LogicallyPartitioned`` boxes
   (e.g. ``jax.eval_shape`` of an init that returns boxed params and optax state).
 
-  ``nn.get_partition_spec`` -> logical specs; ``nn.logical_to_mesh_sharding`` with the rules ->
-  mesh shardings; then each spec is fitted to its array's shape (``_fit``). Unboxed leaves are
-  replicated. The result has the structure of ``nn.unbox(abstract_boxed)``.
+  Each box's logical axis names -> mesh axes by the rules (``nn.logical_to_mesh_axes``), fitted to its
+  array's shape (``_fit``). Unboxed leaves are replicated. The result has the structure of
+  ``nn.unbox(abstract_boxed)``; a box around a leaf-less node (optax's ``MaskedNode`` standing for a
+  frozen leaf's Adam moment) stays that node.
   """
-  specs = nn.get_partition_spec(abstract_boxed)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
-  shapes = nn.unbox(abstract_boxed)
-  return jax.tree.map(lambda s, a: NamedSharding(mesh, _fit(s.spec, tuple(a.shape), mesh)), shardings, shapes)
+  def one(x):
+    if isinstance(x, nn.Partitioned) and not jax.tree.leaves(x.value):
+      return x.value       # a box around a leaf-less node (optax masks a frozen leaf's moments so)
+    if isinstance(x, nn.LogicallyPartitioned):
+      spec, shape = nn.logical_to_mesh_axes(x.names, list(rules)), x.value.shape
+    elif isinstance(x, nn.Partitioned):
+      spec, shape = P(*x.names), x.value.shape
+    else:
+      spec, shape = P(), x.shape
+    return NamedSharding(mesh, _fit(spec, tuple(shape), mesh))
+  return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def replicated(mesh) -> NamedSharding:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 
@@ -45,8 +46,12 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: len(p.shape) >= 2, params)
 
 
-def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decoupled weight decay on matrices only) after global-norm clipping."""
+def make_optimizer(optim, total_steps: int, trainable: Callable | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (decoupled weight decay on matrices only) after global-norm clipping.
+
+  ``trainable`` (params -> tree of bools, ``Task.trainable``): the False leaves get zero updates and
+  no optimiser state (a frozen tower costs no Adam moments and stays bit-identical)."""
   if optim.name != "adamw":
     raise ValueError(f"unknown optimiser {optim.name!r}; only 'adamw' is implemented")
   sched = make_schedule(optim, total_steps)
@@ -55,7 +60,12 @@ def make_optimizer(optim, total_steps: int) -> tuple[optax.GradientTransformatio
     parts.append(optax.clip_by_global_norm(optim.grad_clip))
   parts.append(optax.adamw(sched, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                            weight_decay=optim.weight_decay, mask=_decay_mask))
-  return optax.chain(*parts), sched
+  tx = optax.chain(*parts)
+  if trainable is not None:
+    tx = optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params)))
+  return tx, sched
 
 
 def _init_fn(init_params: Callable, tx: optax.GradientTransformation):
@@ -84,6 +94,26 @@ def create_state(init_params: Callable, tx, mesh, seed: int,
     state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings,
                     compiler_options=compiler_options)(jax.random.PRNGKey(seed))
   return state, shardings
+
+
+def place_pretrained(params, pretrained: dict | None):
+  """``params`` (sharded) with the subtrees of ``pretrained`` (NumPy trees, ``Task.pretrained``)
+  put in their place, each array created directly in its shards (every host reads only its slices).
+  A tree that does not fit is a ValueError naming the missing, unexpected and mis-shaped keys."""
+  if not pretrained:
+    return params
+  from trace_jax.treecheck import check_shapes, flatten, shapes_of
+  out = dict(params)
+  for name, tree in pretrained.items():
+    if name not in params:
+      raise ValueError(f"init_from: the model dir has {name!r} parameters the objective does not use")
+    check_shapes(shapes_of(flatten(params[name])), shapes_of(flatten(tree)),
+                 f"init_from: the model dir's {name!r} parameters do not fit the model:")
+    out[name] = jax.tree.map(
+        lambda cur, new: jax.make_array_from_callback(
+            cur.shape, cur.sharding, lambda idx, new=new, dt=cur.dtype: np.asarray(new[idx], dt)),
+        params[name], tree)
+  return out
 
 
 def abstract_with_shardings(init_params: Callable, tx, shardings, seed: int = 0):

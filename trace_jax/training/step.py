@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from trace_jax.models.clip import MAX_LOG_SCALE
+from trace_jax.training import accumulate
 from trace_jax.training import sharding as shd
 from trace_jax.training.state import TrainState
 
@@ -24,12 +25,24 @@ def clamp_log_scales(params):
   return out
 
 
-def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule):
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    trainable: Callable | None = None, *, microbatches: int = 1, mesh=None):
   """(state, batch) -> (state, metrics); pure, to be jitted. Differentiates through AMC's inner
-  gradient (second order) like any other function."""
+  gradient (second order) like any other function.
+
+  ``trainable`` (``Task.trainable``): frozen leaves enter the loss through ``stop_gradient``, so
+  their gradients are symbolic zeros that XLA never computes (no weight gradients of a frozen tower,
+  and no backward pass through it at all when nothing below it trains); ``tx`` leaves them fixed."""
+  def objective(params, batch, rng):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable(params))
+    return loss_fn(params, batch, rng)
+
   def train_step(state: TrainState, batch: dict):
     rng, sub = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, sub)
+    # microbatches > 1: gradient accumulation under lax.scan (training/accumulate.py; 1 = the plain call)
+    (loss, metrics), grads = accumulate.value_and_grad(objective, state.params, batch, sub,
+                                                       microbatches=microbatches, mesh=mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = clamp_log_scales(optax.apply_updates(state.params, updates))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),

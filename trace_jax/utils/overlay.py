@@ -36,8 +36,40 @@ def resize_map(heat: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(heat, mode="F").resize((hw[1], hw[0]), Image.BILINEAR), np.float32)
 
 
+def map_to_image(heat: np.ndarray, image_hw: tuple[int, int], resize: str = "squash") -> np.ndarray:
+  """A map over the model's input [h, w] -> float32 [H, W] over the ORIGINAL image the input came from.
+
+  As grad-cam's ``show_cam_on_image`` is used (the CAM resized to the image it is drawn on, then
+  blended; pytorch_grad_cam/utils/image.py), the map is resampled, not the image: the overlay keeps the
+  image's own resolution and aspect. ``resize`` is how the input was made from the image
+  (trace_jax/data/preprocess.py ``resize_image``): 'squash' stretched the whole image, so the map is
+  stretched back over it; 'crop' saw only the centre square, so the map covers that square and the
+  pixels the model never saw are NaN (left uncoloured by :func:`overlay`).
+  """
+  heat = np.asarray(heat, np.float32)
+  H, W = int(image_hw[0]), int(image_hw[1])
+  if heat.ndim != 2:
+    raise ValueError(f"map must be [h, w]; got shape {heat.shape}")
+  if resize == "squash":
+    return resize_map(heat, (H, W))
+  if resize != "crop":
+    raise ValueError(f"unknown resize mode {resize!r}; expected 'squash' or 'crop'")
+  # preprocess.resize_image('crop'): shorter side -> S (long side int()-rounded), centre crop S x S.
+  S = heat.shape[0]
+  nw, nh = (S, int(S * H / W)) if W <= H else (int(S * W / H), S)
+  left, top = int(round((nw - S) / 2.0)), int(round((nh - S) / 2.0))
+  x0, x1 = int(round(left * W / nw)), int(round((left + S) * W / nw))
+  y0, y1 = int(round(top * H / nh)), int(round((top + heat.shape[0]) * H / nh))
+  out = np.full((H, W), np.nan, np.float32)
+  out[y0:y1, x0:x1] = resize_map(heat, (y1 - y0, x1 - x0))
+  return out
+
+
 def overlay(image_rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-  """Blend ``(1 - alpha) * image + alpha * colormap(heat)``; heat [h, w] in [0, 1] (resized to the image)."""
+  """Blend ``(1 - alpha) * image + alpha * colormap(heat)``; heat [h, w] in [0, 1] (resized to the image).
+
+  NaN pixels of ``heat`` (outside what the model saw, :func:`map_to_image`) keep the image unblended.
+  """
   image_rgb = np.asarray(image_rgb)
   if image_rgb.ndim != 3 or image_rgb.shape[-1] != 3:
     raise ValueError(f"image must be RGB [H, W, 3]; got shape {image_rgb.shape}")
@@ -45,6 +77,7 @@ def overlay(image_rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: s
     raise ValueError(f"alpha must be in [0, 1]; got {alpha}")
   heat = resize_map(heat, image_rgb.shape[:2])
   out = (1 - alpha) * image_rgb.astype(np.float32) + alpha * colorize(heat, cmap).astype(np.float32)
+  out = np.where(np.isfinite(heat)[..., None], out, image_rgb.astype(np.float32))
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
@@ -56,13 +89,45 @@ def _font(size: int):
     return ImageFont.load_default()
 
 
+def wrap_text(text: str, width: int, font) -> list[str]:
+  """``text`` broken into lines no wider than ``width`` pixels in ``font``: at spaces, and inside a word
+  only when the word alone is wider than the line. Nothing is dropped: joining the lines (with the
+  spaces they were broken at) gives the text back."""
+  from PIL import Image, ImageDraw
+  draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  fits = lambda t: draw.textlength(t, font=font) <= width
+  lines: list[str] = []
+  for para in str(text).split("\n"):
+    line = ""
+    for word in para.split(" "):
+      cand = f"{line} {word}" if line else word
+      if fits(cand):
+        line = cand
+        continue
+      if line:
+        lines.append(line)
+      while word and not fits(word):  # a word wider than the line: break it where it overflows
+        k = max(1, max(i for i in range(1, len(word) + 1) if i == 1 or fits(word[:i])))
+        lines.append(word[:k])
+        word = word[k:]
+      line = word
+    lines.append(line)
+  return lines
+
+
 def caption_below(image_rgb: np.ndarray, caption: str, height: int = 18) -> np.ndarray:
-  """Append a white strip with ``caption`` under the image."""
+  """Append a white strip with ``caption`` under the image, wrapped to the image width (never cut):
+  ``height`` pixels for one line, ``height - 2`` more per extra line."""
   from PIL import Image, ImageDraw
   h, w, _ = image_rgb.shape
-  canvas = Image.new("RGB", (w, h + height), "white")
+  font = _font(max(8, height - 6))
+  lines = wrap_text(caption, max(w - 4, 1), font)
+  line_h = max(height - 2, 1)
+  canvas = Image.new("RGB", (w, h + height + (len(lines) - 1) * line_h), "white")
   canvas.paste(Image.fromarray(np.asarray(image_rgb, np.uint8)), (0, 0))
-  ImageDraw.Draw(canvas).text((2, h + 2), caption, fill="black", font=_font(max(8, height - 6)))
+  draw = ImageDraw.Draw(canvas)
+  for i, ln in enumerate(lines):
+    draw.text((2, h + 2 + i * line_h), ln, fill="black", font=font)
   return np.asarray(canvas)
 
 
@@ -101,7 +166,8 @@ def stack_vertical(parts: Sequence[np.ndarray]) -> np.ndarray:
 
 def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str] | None = None, cols: int = 4,
                   tile_size: int | None = None, gap: int = 4) -> np.ndarray:
-  """Grid of RGB tiles (resized to ``tile_size`` squares when given) with optional captions."""
+  """Grid of RGB tiles with optional captions (wrapped to the tile width, never cut). ``tile_size``:
+  shrink / enlarge each tile to fit a ``tile_size`` square, keeping its aspect."""
   from PIL import Image
   if not tiles:
     raise ValueError("contact_sheet needs at least one tile")
@@ -111,9 +177,11 @@ def contact_sheet(tiles: Sequence[np.ndarray], captions: Sequence[str] | None = 
   for i, t in enumerate(tiles):
     t = np.asarray(t, np.uint8)
     if tile_size:
-      t = np.asarray(Image.fromarray(t).resize((tile_size, tile_size), Image.BILINEAR))
+      scale = tile_size / max(t.shape[:2])
+      size = (max(1, round(t.shape[1] * scale)), max(1, round(t.shape[0] * scale)))
+      t = np.asarray(Image.fromarray(t).resize(size, Image.BILINEAR))
     if captions is not None:
-      t = caption_below(t, captions[i][:40])
+      t = caption_below(t, captions[i])
     prepared.append(t)
   th = max(t.shape[0] for t in prepared)
   tw = max(t.shape[1] for t in prepared)

@@ -1,0 +1,109 @@
+"""MaskInversion at scale: many masks on one image, chunked by a memory budget, over 1..n devices.
+
+    python benchmarks/maskinversion_scale.py [--quick] [--preset ViT-B-16] [--size 224 448]
+        [--masks 1000] [--devices 1 2 4 8] [--budget-gb 24] [--mode exact] [--steps 10]
+
+Each (size, devices) case runs in a fresh subprocess with ``--xla_force_host_platform_device_count``
+= devices (emulated CPU devices: correctness and scaling of the program only; the figures that
+matter come from an accelerator, benchmarks/device.sh). Random weights of the preset's shape.
+Reported per case: the plan (calls x masks per call), first call (compile + run), a second timed
+call, masks/s, peak RSS of the process, and max|LET - LET(1 device)| / max|LET| against the
+1-device case of the same size (saved in a temp file), which must be <= 1e-3.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def child(a) -> None:
+  import jax
+  from trace_jax.inversion import maskinversion as mi
+  from trace_jax.models import build, get_config, init_params
+  cfg = get_config(a.preset)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  model = build(cfg)
+  rng = np.random.default_rng(0)
+  s = a.size
+  img = rng.standard_normal((s, s, 3)).astype(np.float32)
+  masks = np.zeros((a.masks, s, s), np.float32)
+  for k in range(a.masks):  # random rectangles
+    y0, x0 = rng.integers(0, s // 2, 2)
+    masks[k, y0:y0 + rng.integers(8, s // 2), x0:x0 + rng.integers(8, s // 2)] = 1
+  budget = a.budget_gb * 2 ** 30
+  pl = mi.plan(cfg, (s, s), a.masks, 1, a.mode, budget=budget, num_devices=a.devices)
+  kw = dict(mode=a.mode, steps=a.steps, budget=budget, devices=a.devices)
+  t0 = time.perf_counter()
+  out = mi.invert(model, params, img, masks, **kw)
+  jax.block_until_ready(out["lets"])
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  out = mi.invert(model, params, img, masks, **kw)
+  jax.block_until_ready(out["lets"])
+  second = time.perf_counter() - t0
+  lets = np.asarray(out["lets"])
+  err = None
+  if a.ref and os.path.exists(a.ref):
+    ref = np.load(a.ref)
+    err = float(np.abs(lets - ref).max() / np.abs(ref).max())
+  elif a.ref:
+    np.save(a.ref, lets)
+  print(json.dumps({"size": s, "devices": a.devices, "calls": pl["calls"], "chunk": pl["chunk"],
+                    "est_gb_per_device": pl["bytes_per_device"] / 1e9, "first_s": first,
+                    "second_s": second, "masks_per_s": a.masks / second,
+                    "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+                    "let_rel_err_vs_1_device": err}))
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--quick", action="store_true", help="tiny model, 32 px, 300 masks, 2 steps")
+  p.add_argument("--preset", default="ViT-B-16")
+  p.add_argument("--size", type=int, nargs="+", default=[224, 448])
+  p.add_argument("--masks", type=int, default=1000)
+  p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+  p.add_argument("--budget-gb", type=float, default=24.0)
+  p.add_argument("--mode", default="exact", choices=("exact", "decomposed"))
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--child", action="store_true")
+  p.add_argument("--ref", default=None)
+  a = p.parse_args()
+  if a.child:
+    a.size, a.devices = a.size[0], a.devices[0]
+    return child(a)
+  if a.quick:
+    a.preset, a.size, a.masks, a.steps, a.budget_gb = "tiny", [32], 300, 2, 0.001
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for s in a.size:
+      ref = os.path.join(tmp, f"ref{s}.npy")
+      for d in sorted(a.devices):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}",
+                   JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        cmd = [sys.executable, __file__, "--child", "--preset", a.preset, "--size", str(s),
+               "--masks", str(a.masks), "--devices", str(d), "--budget-gb", str(a.budget_gb),
+               "--mode", a.mode, "--steps", str(a.steps), "--ref", ref]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode:
+          print(r.stderr[-3000:], file=sys.stderr)
+          raise SystemExit(f"case size {s}, {d} devices failed")
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+  print("\n| size | devices | calls x masks | est. GB/device | first s | second s | masks/s | peak RSS GB | LET err vs 1 dev |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    e = "—" if r["let_rel_err_vs_1_device"] is None else f"{r['let_rel_err_vs_1_device']:.1e}"
+    print(f"| {r['size']} | {r['devices']} | {r['calls']} x {r['chunk']} | {r['est_gb_per_device']:.2f} | "
+          f"{r['first_s']:.1f} | {r['second_s']:.2f} | {r['masks_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {e} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,225 @@
+"""A compiled plan of the real train step for a TPU topology, on a host without a TPU (docs/scale.md).
+
+    topo = topology("v5e:4x4")                        # libtpu's compiler: jax[tpu], no TPU needed
+    p = compile_train_step(task, config, topo, batch=32768, mesh=(16, 16, 1))
+    p.fits, p.bytes_per_chip, p.flops_per_chip, p.step_time_s, p.mfu_bound
+
+``jax.experimental.topologies.get_topology_desc`` gives the topology's devices; the mesh, the
+parameter / optimiser shardings (``sharding.py`` rules) and the jitted step (``step.py``) are the
+ones a training run builds; the state and batch are ``ShapeDtypeStruct``s carrying their shardings,
+so nothing is allocated. XLA:TPU's ``memory_analysis`` (per chip: arguments, outputs, aliased
+(donated) buffers, temporaries) and ``cost_analysis`` (per chip: FLOPs, HBM bytes accessed) of the
+compiled SPMD program are read back.
+
+These are COMPILED ESTIMATES, not measurements: the step time is the roofline
+max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip from the chip's published peaks (``CHIPS``),
+with no communication time (ICI / DCN collectives) and no kernel inefficiency; the MFU bound is the
+utilisation that time implies (an upper bound; with remat it counts the recomputed FLOPs too, so it
+is a hardware-FLOPs bound). XLA's cost analysis counts a ``while`` loop body once, so plans with
+``scan_layers`` or ``microbatches`` > 1 take their FLOPs and bytes from a second compile of the
+unrolled, un-accumulated step (``compile_train_step``'s ``cost_task``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from trace_jax.training import accumulate
+from trace_jax.training import mesh as mesh_lib
+from trace_jax.training import sharding as shd
+from trace_jax.training import state as state_lib
+from trace_jax.training import step as step_lib
+
+GiB = 1024 ** 3
+
+# Published per-chip peaks (Google Cloud TPU documentation, "TPU v4" / "TPU v5e" / "TPU v5p" /
+# "TPU v6e" system-architecture pages): dense bf16 FLOP/s, HBM capacity (bytes) and bandwidth (bytes/s).
+CHIPS = {
+    "v4": dict(bf16_flops=275e12, hbm_bytes=32 * GiB, hbm_bw=1228e9),
+    "v5e": dict(bf16_flops=197e12, hbm_bytes=16 * GiB, hbm_bw=819e9),
+    "v5p": dict(bf16_flops=459e12, hbm_bytes=95 * GiB, hbm_bw=2765e9),
+    "v6e": dict(bf16_flops=918e12, hbm_bytes=32 * GiB, hbm_bw=1640e9),
+}
+
+
+def chip_of(topology_name: str) -> str:
+  kind = topology_name.split(":")[0].lower()
+  if kind not in CHIPS:
+    raise ValueError(f"unknown TPU generation {kind!r} in topology {topology_name!r}; known: {sorted(CHIPS)} "
+                     "(e.g. v5e:4x4, v5p:4x4x4, v4:2x2x1, v6e:8x8)")
+  return kind
+
+
+def topology(name: str):
+  """The devices of a named TPU topology through libtpu's compiler (``pip install 'jax[tpu]'``)."""
+  chip_of(name)
+  # Compile-only use (no TPU is opened): let several processes load libtpu (a test and the command it
+  # runs, two plans side by side) instead of failing on libtpu's single-user lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    from jax.experimental import topologies
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except (ImportError, RuntimeError) as e:
+    raise ValueError(f"cannot build TPU topology {name!r}: {str(e).splitlines()[0][:200]} (the plan needs "
+                     "libtpu: pip install 'jax[tpu]==<your jax version>'; no TPU is needed)") from None
+
+
+@dataclasses.dataclass
+class Plan:
+  topology: str
+  chip: str
+  mesh: tuple
+  batch: int
+  options: dict
+  compiled: bool
+  argument_bytes: float = 0.0
+  output_bytes: float = 0.0
+  alias_bytes: float = 0.0
+  temp_bytes: float = 0.0
+  bytes_per_chip: float = 0.0      # peak HBM: arguments + outputs - aliased (donated) + temporaries
+  hbm_bytes: float = 0.0
+  flops_per_chip: float = 0.0      # XLA cost analysis of one step (whole global batch, per chip)
+  hbm_accessed_per_chip: float = 0.0
+  step_time_s: float = 0.0         # roofline estimate, no communication
+  mfu_bound: float = 0.0
+  compile_s: float = 0.0
+  error: str = ""
+
+  @property
+  def fits(self) -> bool:
+    return self.compiled and self.bytes_per_chip <= self.hbm_bytes
+
+  def row(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["fits"] = self.fits
+    return d
+
+
+# XLA:TPU's over-HBM compile errors (two wordings seen from libtpu): the bytes it needed.
+_OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+        re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
+
+
+def _parse_oom(msg: str) -> tuple[float, str] | None:
+  """(bytes needed, the sentence) of an out-of-HBM compile error, else None."""
+  unit = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+  for pat in _OOM:
+    m = pat.search(msg)
+    if m:
+      line = next((l for l in msg.splitlines() if m.group(0) in l), m.group(0)).strip()
+      return float(m.group(1)) * unit[m.group(2)], line
+  return None
+
+
+def abstract_batch(keys_shapes: dict[str, tuple[tuple, Any]], mesh) -> dict:
+  sh = shd.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in keys_shapes.items()}
+
+
+def batch_shapes(cfg, batch: int) -> dict:
+  """The canonical batch keys (objectives/base.BATCH_KEYS) at the model's image size / context."""
+  s, L = cfg.vision.image_size, cfg.text.context_length
+  return {"image": ((batch, s, s, 3), jnp.float32), "caption_ids": ((batch, L), jnp.int32),
+          "phrase_ids": ((batch, L), jnp.int32), "mask": ((batch, s, s), jnp.float32),
+          "mask_indicator": ((batch,), jnp.float32)}
+
+
+def compile_train_step(task, config, devices, topology_name: str, *, batch: int, mesh_shape=(-1, 1, 1),
+                       microbatches: int = 1, cost_task=None) -> Plan:
+  """Lower + compile the train step of ``task`` for ``devices``; memory and cost per chip.
+
+  ``cost_task``: the same objective with ``scan_layers`` off, required when ``task`` scans its
+  blocks. XLA's cost analysis counts a while-loop body once, so the FLOPs / bytes of a plan with
+  ``scan_layers`` or ``microbatches`` M > 1 are M x those of ``cost_task``'s plain step at batch / M
+  (exact for the per-example work; counts the optimiser update M times, negligible at large batch)."""
+  if task.cfg.scan_layers and (cost_task is None or cost_task.cfg.scan_layers):
+    raise ValueError("a scan_layers plan needs cost_task (the same objective with scan_layers off)")
+  chip = chip_of(topology_name)
+  spec = CHIPS[chip]
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
+  plan = Plan(topology_name, chip, tuple(int(mesh.shape[a]) for a in mesh_lib.AXES), batch,
+              dict(remat=task.cfg.remat, scan_layers=task.cfg.scan_layers, attention=task.cfg.attention,
+                   dtype=task.cfg.dtype, microbatches=microbatches), False, hbm_bytes=spec["hbm_bytes"])
+  shd.check_batch_size(batch, mesh)
+  accumulate.check_microbatches(batch, microbatches, mesh)
+  trainable = getattr(task, "trainable", None)
+  tx, schedule = state_lib.make_optimizer(config.optim, int(config.train.steps), trainable)
+  shardings = state_lib.state_shardings(task.init_params, tx, mesh, config.seed)
+  state = state_lib.abstract_with_shardings(task.init_params, tx, shardings, config.seed)
+  fn = step_lib.make_train_step(task.loss_fn, tx, schedule, trainable, microbatches=microbatches, mesh=mesh)
+  step = step_lib.jit_train_step(fn, shardings, mesh)   # the loop's jitted step (training/loop.py)
+  t0 = time.perf_counter()
+  try:
+    with jax.set_mesh(mesh):
+      compiled = step.lower(state, abstract_batch(batch_shapes(task.cfg, batch), mesh)).compile()
+  except Exception as e:  # noqa: BLE001 - XLA:TPU reports an over-HBM program as a compile error
+    plan.compile_s = time.perf_counter() - t0
+    oom = _parse_oom(str(e))
+    if oom is None:
+      raise
+    plan.bytes_per_chip, plan.error = oom[0], oom[1]
+    return plan
+  plan.compile_s = time.perf_counter() - t0
+  plan.compiled = True
+  mem = compiled.memory_analysis()
+  plan.argument_bytes = float(mem.argument_size_in_bytes)
+  plan.output_bytes = float(mem.output_size_in_bytes)
+  plan.alias_bytes = float(mem.alias_size_in_bytes)
+  plan.temp_bytes = float(mem.temp_size_in_bytes)
+  plan.bytes_per_chip = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
+  if task.cfg.scan_layers or microbatches > 1:
+    plain = compile_train_step(cost_task or task, config, devices, topology_name, batch=batch // microbatches,
+                               mesh_shape=mesh_shape)
+    if not plain.compiled:
+      raise ValueError(f"the unrolled step at batch {batch // microbatches} (for the cost analysis) does not "
+                       f"compile: {plain.error}")
+    plan.flops_per_chip = microbatches * plain.flops_per_chip
+    plan.hbm_accessed_per_chip = microbatches * plain.hbm_accessed_per_chip
+    plan.compile_s += plain.compile_s
+  else:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    plan.flops_per_chip = float(cost.get("flops", 0.0))
+    plan.hbm_accessed_per_chip = float(cost.get("bytes accessed", 0.0))
+  roofline(plan)
+  return plan
+
+
+def roofline(plan: Plan, flops: float | None = None, accessed: float | None = None) -> Plan:
+  """Step time = max(compute, HBM) per chip from the chip's peaks; MFU bound = compute / that time."""
+  spec = CHIPS[plan.chip]
+  flops = plan.flops_per_chip if flops is None else flops
+  accessed = plan.hbm_accessed_per_chip if accessed is None else accessed
+  t_compute, t_memory = flops / spec["bf16_flops"], accessed / spec["hbm_bw"]
+  plan.step_time_s = max(t_compute, t_memory)
+  plan.mfu_bound = t_compute / plan.step_time_s if plan.step_time_s > 0 else 0.0
+  return plan
+
+
+def format_plan(p: Plan) -> str:
+  g = lambda b: f"{b / GiB:.2f} GiB" if abs(b) >= 0.1 * GiB else f"{b / 2 ** 20:.2f} MiB"
+  head = (f"{p.topology} ({p.chip}, mesh data x fsdp x tensor = "
+          f"{' x '.join(map(str, p.mesh))}), global batch {p.batch}, " +
+          ", ".join(f"{k}={v}" for k, v in p.options.items()))
+  if not p.compiled:
+    return (f"{head}\n  DOES NOT FIT: at least {g(p.bytes_per_chip)} per chip needed of {g(p.hbm_bytes)} HBM "
+            f"(over by >= {g(p.bytes_per_chip - p.hbm_bytes)}); XLA:TPU: {p.error}; compile {p.compile_s:.1f} s")
+  verdict = (f"fits ({g(p.hbm_bytes - p.bytes_per_chip)} free)" if p.fits
+             else f"DOES NOT FIT (over by {g(p.bytes_per_chip - p.hbm_bytes)})")
+  return "\n".join([
+      head,
+      f"  per chip: arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - donated "
+      f"{g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} = {g(p.bytes_per_chip)} of {g(p.hbm_bytes)} HBM: {verdict}",
+      f"  per chip per step: {p.flops_per_chip:.3e} FLOPs, {p.hbm_accessed_per_chip:.3e} HBM bytes accessed "
+      f"(XLA cost analysis)",
+      f"  roofline step time {p.step_time_s * 1e3:.2f} ms, MFU bound {100 * p.mfu_bound:.1f} % "
+      f"(compiled estimates from the chip's peak bf16 FLOP/s and HBM bandwidth, no communication; not "
+      f"measurements); compile {p.compile_s:.1f} s",
+  ])
