@@ -9,6 +9,10 @@ Suites (their configs: ``configs/compare.py`` and ``configs/trace_compare.py``):
 * ``objectives`` (default): plain contrastive vs AMC vs local alignment. Columns: pointing game and
   patch mIoU with GradCAM (the map AMC trains) and with the dense patch-text similarity (the readout
   the local loss trains); local alignment also with its own slot readout. Writes ``compare.json``.
+* ``finetune``: fine-tuning from a model dir on the embedded set: contrastive pretraining for
+  ``--pretrain-steps`` and its export, then AMC for ``--steps`` from that export (``init_from``) and AMC
+  for the same ``--steps`` from random weights; GradCAM pointing game and patch mIoU of both (and of the
+  pretrained model). Writes ``finetune.json``.
 * ``trace``: the CLIP baseline vs TRACE and its ablations on one CRATE tower (crate-clip-small, 10 heads
   of 16); only the loss weights differ. The budget is steps, the same for every run: ``--steps``, or
   ``--budget-minutes`` converted once by timing full TRACE on this machine. Evaluation on the test split
@@ -27,7 +31,8 @@ import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SUITES = {"objectives": ("compare", "contrastive,amc,local_alignment"),
-          "trace": ("trace_compare", "clip,trace,cluster_only,token_only")}
+          "trace": ("trace_compare", "clip,trace,cluster_only,token_only"),
+          "finetune": ("compare", "pretrain,amc_init_from,amc_scratch")}
 
 
 def run_config(suite: str, name: str, seed: int, steps: int | None, overrides: dict[str, str]):
@@ -89,7 +94,8 @@ def trace_table(results: list[dict], setting: str) -> str:
       method, s = key.split("/")
       if s != setting:
         continue
-      label = {"clip": "patch-word cosine, min-max", "trace": "TRACE heatmap (13)"}[method]
+      label = {"clip": "patch-word cosine, min-max", "trace": "TRACE heatmap (13)",
+               "trace_minmax": "TRACE heatmap (13), min-max"}[method]
       lines.append(ev.format_row(f"{r['run']} / {label}", res))
   return "\n".join(lines)
 
@@ -113,6 +119,33 @@ def kind_table(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def finetune_suite(args, overrides: dict, steps: int | None) -> int:
+  """Contrastive pretraining -> export -> AMC with init_from, against AMC from random weights."""
+  import train
+  from trace_jax import model_dir
+  from trace_jax.evaluation import embedded
+  rows, wd = {}, lambda n: os.path.join(args.workdir, n)
+  pre = run_config("objectives", "contrastive", args.seed, args.pretrain_steps or steps, overrides)
+  pre.eval.methods = "gradcam,patch_similarity"
+  train.run(pre, wd("pretrain"))
+  for name in ("pretrain", "amc_init_from", "amc_scratch"):
+    c = pre
+    if name != "pretrain":
+      c = run_config("objectives", "amc", args.seed, steps, overrides)
+      c.eval.methods = "gradcam,patch_similarity"
+      if name == "amc_init_from":
+        c.init_from = os.path.join(wd("pretrain"), "model")
+        c.model.preset = None          # the architecture comes from the model dir
+      train.run(c, wd(name))
+    rows[name] = embedded.evaluate(c, model_dir.load(os.path.join(wd(name), "model")), os.path.join(wd(name), "eval"),
+                                   verbose=False)["methods"]
+  print(f"contrastive pretraining {pre.train.steps} steps; AMC {steps or 'default'} steps\n"
+        + objectives_table(rows, args.seed))
+  with open(os.path.join(args.workdir, "finetune.json"), "w") as f:
+    json.dump({"seed": args.seed, "pretrain_steps": int(pre.train.steps), "results": rows}, f, indent=2)
+  return 0
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
@@ -122,6 +155,7 @@ def main(argv=None) -> int:
   ap.add_argument("--budget-minutes", type=float, default=None, help="trace suite: training minutes per run")
   ap.add_argument("--only", "--runs", dest="only", default=None, help="comma-separated runs of the suite")
   ap.add_argument("--num-examples", type=int, default=None, help="trace suite: evaluation examples per split")
+  ap.add_argument("--pretrain-steps", type=int, default=None, help="finetune suite: contrastive pretraining steps")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="config override for every run, e.g. --set eval.num_examples=100 (repeatable)")
   args = ap.parse_args(argv)
@@ -148,6 +182,9 @@ def main(argv=None) -> int:
       json.dump({"seed": args.seed, "results": rows}, f, indent=2)
     return 0
 
+  if args.suite == "finetune":
+    return finetune_suite(args, overrides, steps)
+
   from trace_jax.trace import evaluate as te
   if steps is None:
     if args.budget_minutes is None:
@@ -163,7 +200,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     train.run(c, wd)
     out = {"run": name, "steps": int(c.train.steps), "train_seconds": time.perf_counter() - t0}
-    methods = ("clip",) if name == "clip" else ("trace", "clip")
+    methods = ("clip",) if name == "clip" else ("trace", "trace_minmax", "clip")
     out["results"] = te.run(c, model_dir.load(os.path.join(wd, "model")), None, methods=methods,
                             num_examples=args.num_examples, verbose=False)
     results.append(out)

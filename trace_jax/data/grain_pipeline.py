@@ -272,8 +272,11 @@ class BatchIterator:
             "num_records": self.num_records}
 
   def set_state(self, state: dict):
+    """Resume at ``state['step']``. The seed, global batch size and record count must be the saved
+    ones (else the order differs: refused, naming the key); the shard may differ, since the global
+    order does not depend on the process count (a run saved by 2 processes resumes on 1)."""
     mine = self.get_state()
-    for k in ("seed", "batch_size", "shard", "num_records"):
+    for k in ("seed", "batch_size", "num_records"):
       if k in state and list(np.atleast_1d(state[k])) != list(np.atleast_1d(mine[k])):
         raise ValueError(f"{self.name}: iterator state {k}={state[k]} does not match this source's {mine[k]}")
     self._start(int(state["step"]))

@@ -80,6 +80,38 @@ def project_patches(tokens, kernel):
   return q / jnp.sqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-12)
 
 
+def match_words(ids, seqs, lens, starts, ends):
+  """Caption words in token ids -> vocabulary ids: int32 [B, L], the vocabulary id at the first token
+  of each whole-word occurrence, -1 elsewhere (a caption word maps to its span of subword tokens).
+
+  ids int [B, L] token ids; seqs int [V, T] each vocabulary word's tokens (-1 padded), lens int [V]
+  (0: never matches); starts / ends bool [N] per token id (``trace.vocab.word_spans``). An occurrence
+  needs a word boundary before its first token and after its last (boundary before position t:
+  ``ends[ids[t-1]] | starts[ids[t]]``; the row's ends are boundaries). Where several words match at
+  one position the longest wins, and a word inside a longer match ('light' in 'traffic light') is
+  not counted. With a word-level tokenizer (one token per word, every token a boundary) this is the
+  token -> word lookup ``tok2vocab[ids]``.
+  """
+  b, l = ids.shape
+  v, t = seqs.shape
+  ext = jnp.pad(ids, ((0, 0), (0, t)), constant_values=-1)                   # [B, L + T]
+  eq = jnp.ones((b, l, v), bool)
+  for j in range(t):                                                         # T: static, small
+    eq &= (ext[:, j:j + l, None] == seqs[None, None, :, j]) | (j >= lens)[None, None, :]
+  safe = jnp.clip(ids, 0, starts.shape[0] - 1)
+  inner = ends[safe[:, :-1]] | starts[safe[:, 1:]]                           # boundary before t = 1..L-1
+  edge = jnp.ones((b, 1), bool)
+  bnd = jnp.concatenate([edge, inner, edge, jnp.ones((b, t), bool)], axis=1)  # [B, L + 1 + T]
+  end_at = jnp.arange(l)[:, None] + lens[None, :]                            # [L, V]
+  match = eq & bnd[:, :l, None] & bnd[:, end_at] & (lens > 0)[None, None, :]
+  score = jnp.where(match, lens[None, None, :], 0)
+  best, longest = jnp.argmax(score, axis=-1), jnp.max(score, axis=-1)         # [B, L]
+  covered = jnp.zeros((b, l), bool)
+  for k in range(1, t):                                                      # inside an earlier, longer match
+    covered |= jnp.pad(longest > k, ((0, 0), (k, 0)))[:, :l]
+  return jnp.where((longest > 0) & ~covered, best, -1).astype(jnp.int32)
+
+
 def caption_targets(word_ids, vocab_size: int):
   """Y [B, V] in {0, 1}: word v occurs in caption b. word_ids int [B, L], -1 = no vocabulary word."""
   return jnp.max(jax.nn.one_hot(word_ids, vocab_size, dtype=jnp.float32), axis=-2)

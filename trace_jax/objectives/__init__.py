@@ -49,4 +49,8 @@ def make(config, info: dict | None = None, init=None) -> Task:
   freeze = parse_freeze(config.get("freeze", ""))
   task = _REGISTRY[name](config, dict(info or {}), init)
   pretrained = pretrained_tree(init, task.heads) if init is not None else None
+  if pretrained is not None and task.cfg.scan_layers:
+    # model dirs hold unrolled blocks (models/scale.py); a scanned run stacks them ([L, ...] leaves)
+    from trace_jax.models.scale import stack_blocks
+    pretrained = {**pretrained, "clip": stack_blocks(pretrained["clip"])}
   return task._replace(pretrained=pretrained, trainable=trainable_fn(freeze))

@@ -30,7 +30,7 @@ from trace_jax.models import build
 from trace_jax.objectives.registry import register
 from trace_jax.objectives.base import model_config
 from trace_jax.trace import vocab_arrays
-from trace_jax.trace.vocab import TraceVocab, make_vocab, token_to_vocab, vocab_to_meta
+from trace_jax.trace.vocab import TraceVocab, make_vocab, token_to_vocab, vocab_to_meta, word_spans
 
 
 def default_trace_config() -> ml_collections.ConfigDict:
@@ -41,6 +41,11 @@ def default_trace_config() -> ml_collections.ConfigDict:
       **d,                         # layer, tau_member, beta_*, temp_*, w_cluster, w_anchor, w_token, eps
       anchor_dim=48,               # PPMI-SVD dimension of the derived anchors (docs/trace.md §2.2)
       anchor_captions=ml_collections.config_dict.placeholder(int),  # None: every training caption
+      # real vocabularies (docs/training.md): a GloVe / word2vec file for the anchors instead of the
+      # corpus-derived ones, and a hierarchy JSON (coarse -> fine; e.g. trace_jax/trace/
+      # cocostuff_hierarchy.json) instead of the embedded set's concepts.json
+      anchors_path="",
+      hierarchy_path="",
       gate=True,                   # heatmaps with the coarse gate (13); False for the token-only ablation
   ))
 
@@ -101,17 +106,23 @@ def make_trace_task(config, info: dict | None = None, init=None) -> TraceTask:
                                     if k in info}, init)
   if cfg.text.vocab_size < tok.vocab_size:
     raise ValueError(f"text vocab_size {cfg.text.vocab_size} < tokenizer vocab_size {tok.vocab_size}")
-  caps = info.get("train_captions")
-  if callable(caps):                # sources read their captions only when an objective asks
-    caps = caps()
-  if caps is None:
-    raise ValueError(f"TRACE derives its anchors from the training captions; data.name "
-                     f"{config.data.name!r} gives none (info['train_captions'])")
-  if tc.get("anchor_captions") is not None:
-    caps = list(caps)[:int(tc.anchor_captions)]
-  vocab = make_vocab(caps, dim=int(tc.anchor_dim))
+  anchors_path, hierarchy_path = str(tc.get("anchors_path") or ""), str(tc.get("hierarchy_path") or "")
+  caps = None
+  if not anchors_path:              # corpus anchors: derived from the training captions
+    caps = info.get("train_captions")
+    if callable(caps):              # sources read their captions only when an objective asks
+      caps = caps()
+    if caps is None:
+      raise ValueError(f"TRACE derives its anchors from the training captions; data.name "
+                       f"{config.data.name!r} gives none (info['train_captions']); or set "
+                       "loss.trace.anchors_path to a GloVe / word2vec file")
+    if tc.get("anchor_captions") is not None:
+      caps = list(caps)[:int(tc.anchor_captions)]
+  vocab = make_vocab(caps, dim=int(tc.anchor_dim), anchors_path=anchors_path or None,
+                     hierarchy_path=hierarchy_path or None)
   arrays = vocab_arrays(vocab.closed, num_subspaces=cfg.vision.heads)   # raises if heads < coarse concepts
   tok2vocab = token_to_vocab(tok, vocab.closed)
+  spans = tuple(jnp.asarray(a) for a in word_spans(tok, vocab.closed))  # caption word -> its token span
   model = build(cfg)
   s, L = cfg.vision.image_size, cfg.text.context_length
   width, adim = cfg.vision.width, vocab.closed.anchors.shape[1]
@@ -128,8 +139,6 @@ def make_trace_task(config, info: dict | None = None, init=None) -> TraceTask:
     kernel = tl.init_trace_params(r2, width, adim)["kernel"]
     return {"clip": clip, "trace": {"kernel": nn.LogicallyPartitioned(kernel, ("embed", None))}}
 
-  t2v = jnp.asarray(tok2vocab)
-
   def loss_fn(params, batch, rng):
     del rng  # deterministic objective
     emb, aux = model.apply({"params": params["clip"]}, batch["image"], method="encode_image")
@@ -139,7 +148,7 @@ def make_trace_task(config, info: dict | None = None, init=None) -> TraceTask:
       metrics["global"] = clip_contrastive_loss(emb, txt, params["clip"]["logit_scale"])
       total = total + w_clip * metrics["global"]
     if use_trace:
-      word_ids = t2v[batch["caption_ids"]]                      # [B, L] closed-vocabulary ids, -1 else
+      word_ids = tl.match_words(batch["caption_ids"], *spans)   # [B, L] closed-vocabulary ids, -1 else
       l_trace, m = tl.trace_loss(aux, word_ids, arrays, params["trace"], tcfg)
       metrics.update(m)
       total = total + l_trace

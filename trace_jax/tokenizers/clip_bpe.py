@@ -303,6 +303,18 @@ class CLIPTokenizer:
       out[i, :len(ids)] = ids
     return out
 
+  def word_boundaries(self) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) bool [vocab_size]: which token ids begin / end a word. CLIP BPE marks the last
+    piece of a word with '</w>' (so a word ends where such a token is); no piece marks a start.
+    Special and padding tokens count as both (a word next to them is whole)."""
+    ends = np.zeros(self.vocab_size, bool)
+    for t, i in self.encoder.items():
+      ends[i] = t.endswith(EOW)
+    starts = np.zeros(self.vocab_size, bool)
+    for i in (self.sot_id, self.eot_id, self.pad_id):
+      starts[i] = ends[i] = True
+    return starts, ends
+
   # ---------------------------------------------------------------- decoding / display
   def _bytes_of(self, token: str) -> bytes:
     return bytes(self.byte_decoder[c] for c in token if c in self.byte_decoder)

@@ -80,6 +80,10 @@ class WordTokenizer:
       out[i, :len(ids)] = ids
     return out
 
+  def word_boundaries(self) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) bool [vocab_size]: every token is a whole word (all True)."""
+    return np.ones(self.vocab_size, bool), np.ones(self.vocab_size, bool)
+
   def decode(self, ids: Sequence[int]) -> str:
     """Words of `ids` joined by spaces; pad/start/end dropped, unknown words shown as '<unk>'."""
     out = []

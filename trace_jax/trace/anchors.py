@@ -134,6 +134,42 @@ def load_word2vec(path: str, words: Sequence[str] | None = None, *, binary: bool
   return _finish(vocab, vecs, words, path, allow_missing)
 
 
+def load_vectors(path: str, words: Sequence[str] | None = None, *, allow_missing: bool = False
+                 ) -> tuple[list[str], np.ndarray]:
+  """Any word-vector file: word2vec binary (``.bin``), word2vec text (a ``V d`` header line) or GloVe
+  text (no header), told apart by the name and the first line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"word-vector file {path} does not exist")
+  if path.endswith(".bin"):
+    return load_word2vec(path, words, binary=True, allow_missing=allow_missing)
+  with open(path, "rb") as f:
+    head = f.readline().split()
+  if len(head) == 2 and all(h.isdigit() for h in head):
+    return load_word2vec(path, words, binary=False, allow_missing=allow_missing)
+  return load_glove(path, words, allow_missing=allow_missing)
+
+
+def concept_vectors(path: str, concepts: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
+  """Anchor rows for concept names from a word-vector file: a one-word concept is its word's vector; a
+  multi-word concept ('traffic light') is the mean of its words' vectors (the usual phrase vector for
+  GloVe / word2vec, which have no phrase entries). Returns (kept concepts, float32 [V, d], concepts
+  dropped because a word of theirs has no vector)."""
+  parts = {c: c.split() for c in concepts}
+  need = sorted({w for ws in parts.values() for w in ws})
+  found, vecs = load_vectors(path, need, allow_missing=True)
+  table = dict(zip(found, vecs))
+  kept, rows, dropped = [], [], []
+  for c, ws in parts.items():
+    if ws and all(w in table for w in ws):
+      kept.append(c)
+      rows.append(np.mean([table[w] for w in ws], axis=0))
+    else:
+      dropped.append(c)
+  if not kept:
+    raise ValueError(f"{path}: none of the {len(concepts)} concept words has a vector")
+  return kept, np.stack(rows).astype(np.float32), dropped
+
+
 def save_word2vec_binary(path: str, words: Sequence[str], vectors: np.ndarray) -> None:
   """Write the binary word2vec format (for tests and for exporting derived anchors)."""
   vectors = np.asarray(vectors, "<f4")

@@ -42,7 +42,10 @@ from trace_jax.models import l2_normalize
 from trace_jax.trace import grounding, vocab_arrays
 
 KINDS = ("fine", "coarse", "stuff")          # scene.WORD_KINDS that name visible things
-METHODS = ("trace", "clip")
+# readouts: 'trace' the heatmap (13) as probabilities; 'trace_minmax' the same heatmap min-max normalised
+# per map, the normalisation the CLIP readout gets (so that one threshold means the same for both);
+# 'clip' patch-word cosine, min-max (the baseline)
+METHODS = ("trace", "trace_minmax", "clip")
 SETTINGS = {"closed": "test", "open": "openvocab"}
 
 
@@ -86,7 +89,7 @@ def make_maps_fn(task, method: str, vocab, *, gate: bool | None = None):
     _, aux = model.apply({"params": params["clip"]}, images, method="encode_image")
     m, Mc, q = tl.trace_features(aux, params["trace"], arrays["assignment"], num_coarse, tcfg)
     h = grounding.heatmaps(Mc, q, arrays["anchors"], arrays["coarse"], arrays["group"], tcfg.temp_token, gate)
-    return h, m
+    return (minmax(h) if method == "trace_minmax" else h), m
   return jax.jit(f)
 
 

@@ -68,6 +68,21 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+class _closing:
+  """``with _closing(it) as it``: ``it.close()`` on the way out when it has one (Grain iterators stop
+  their worker processes; a plain generator has nothing to stop)."""
+
+  def __init__(self, it):
+    self.it = it
+
+  def __enter__(self):
+    return self.it
+
+  def __exit__(self, *exc):
+    if hasattr(self.it, "close"):
+      self.it.close()
+
+
 def _jsonable(m: dict) -> dict:
   return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()) for k, v in m.items()}
 
@@ -200,7 +215,7 @@ def _train_locked(config, workdir, task, source, mesh):
                                save_every=config.checkpoint.every_steps,
                                async_save=config.checkpoint.async_save)
   shardings = state_lib.state_shardings(task.init_params, tx, mesh, config.seed)
-  state = None
+  state, resumed_meta = None, {}
   if ckpt.all_steps():
     target = state_lib.abstract_with_shardings(task.init_params, tx, shardings, config.seed)
     state, meta, start = _restore_newest(ckpt, target)
@@ -208,6 +223,7 @@ def _train_locked(config, workdir, task, source, mesh):
       if int(meta.get("data_step", start)) != start or int(jax.device_get(state.step)) != start:
         raise RuntimeError(f"checkpoint {start} is inconsistent: meta {meta}, state.step {state.step}")
       print(f"resumed from {ckpt.directory}/{start}", file=sys.stderr)
+      resumed_meta = meta
   if state is None:
     state, _ = state_lib.create_state(task.init_params, tx, mesh, config.seed)
     if task.pretrained:    # config.init_from: the model dir's params over the fresh init (new heads stay)
@@ -226,9 +242,12 @@ def _train_locked(config, workdir, task, source, mesh):
       shardings, mesh)
   meta_base = {"config": json.loads(config.to_json_best_effort()), "model_config": task.cfg.to_dict(),
                "heads": task.heads}
+  it = None
 
   def save(step, reason):
-    ckpt.save(step, state, {**meta_base, "data_step": step, "reason": reason})
+    data_state = it.get_state() if hasattr(it, "get_state") else None   # Grain sources (data/grain_pipeline.py)
+    ckpt.save(step, state, {**meta_base, "data_step": step, "reason": reason,
+                            **({"data_state": data_state} if data_state is not None else {})})
 
   bar = None
   if config.train.progress and is_main:
@@ -238,8 +257,12 @@ def _train_locked(config, workdir, task, source, mesh):
   status = "finished"
   t_last, n_last = time.perf_counter(), start
   needs = {"patch_size": task.cfg.vision.patch_size, "image_size": task.cfg.vision.image_size}
-  with jax.set_mesh(mesh), _Preemption() as pre:
-    it = source.batches(start, **{k: needs[k] for k in source.needs})
+  with jax.set_mesh(mesh), _Preemption() as pre, _closing(
+      source.batches(start, **{k: needs[k] for k in source.needs})) as it:
+    if start and resumed_meta.get("data_state") is not None and hasattr(it, "set_state"):
+      # the saved iterator state: a source whose records changed since the save is refused, naming
+      # what differs, instead of silently reading other examples (BatchIterator.set_state)
+      it.set_state({**resumed_meta["data_state"], "step": start})
     while step < total:
       local = next(it)
       gb = shd.global_batch({k: local[k] for k in source.keys}, mesh)

@@ -44,9 +44,15 @@ def trace_maps_fn(e, checkpoint: str):
     f = te.make_maps_fn(task, 'trace', vocab)
     cfg = task.cfg
 
+    from trace_jax.data.real.coco import _singular
+    known = set(vocab.words)
+
     def maps(images, words):
       h = np.asarray(f(params, jnp.asarray(images))[0][0])              # [V_vocab, N]
-      return [h[vocab.index(w)] if w in vocab.words else None for w in words]
+      # a plural caption word is grounded by its singular concept ('dogs' -> 'dog'), by the rule that
+      # found its COCO-Stuff labels (coco.py ground_caption)
+      keys = [_singular(w, known) for w in words]
+      return [h[vocab.index(k)] if k is not None else None for k in keys]
     return maps, cfg, f'TRACE {md.desc}'
   if name != 'clip':
     raise ValueError(f"trace_grounding method must be 'trace' or 'clip'; got {name!r}")
