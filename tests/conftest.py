@@ -42,3 +42,17 @@ def torch_or_skip():
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+def save_tiny_word_model(root) -> str:
+  """A random-weight 'tiny' model dir (32 px) with the embedded dataset's word tokenizer, saved under
+  ``root``/model; returns its path."""
+  import jax
+  from trace_jax.data import pipeline
+  from trace_jax.model_dir import save_model
+  from trace_jax.models import get_config, init_params
+  cfg = get_config("tiny")
+  tok = pipeline.make_tokenizer(cfg.text.context_length)
+  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": tok.vocab_size}))
+  return save_model(str(root / "model"), init_params(cfg, jax.random.PRNGKey(0)), cfg, source="test",
+                    tokenizer_files={"words.json": tok.save(str(root / "words.json"))})

@@ -13,15 +13,15 @@ import pytest
 
 from configs import common
 from conftest import require_peer, torch_or_skip
+from test_convert_parity import TINY_OC, _oc_tiny
 from trace_jax import model_dir, objectives
 from trace_jax.data import sources
 from trace_jax.training import loop
 from trace_jax.training import state as state_lib
 
 SIZES = "train=32,validation=8,test=8,heldout=8,openvocab=8"
-TINY_OC = dict(embed_dim=24, quick_gelu=True,
-               vision_cfg=dict(image_size=32, patch_size=8, width=48, layers=2, head_width=16),
-               text_cfg=dict(context_length=24, vocab_size=49408, width=32, heads=4, layers=2))
+# the converter-parity tiny open_clip with CLIP's BPE vocabulary and room for the embedded captions
+TINY_OC_BPE = {**TINY_OC, "text_cfg": {**TINY_OC["text_cfg"], "context_length": 24, "vocab_size": 49408}}
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +30,11 @@ def converted(tmp_path_factory):
   torch = torch_or_skip()
   open_clip = require_peer("open_clip", "open_clip_torch")
   from trace_jax.convert.api import convert
-  torch.manual_seed(0)
-  m = open_clip.model.CLIP(**TINY_OC).eval()
-  with torch.no_grad():   # non-default LayerNorm affines and biases: a dropped one would show
-    g = torch.Generator().manual_seed(0)
-    for name, p in m.named_parameters():
-      if name.endswith("bias") or (p.ndim == 1 and "ln" in name):
-        p.add_(0.2 * torch.randn(p.shape, generator=g))
+  m = _oc_tiny(torch, TINY_OC_BPE)  # non-default LayerNorm affines and biases: a dropped one would show
   src = tmp_path_factory.mktemp("oc")
   torch.save({k: v.contiguous() for k, v in m.state_dict().items()}, str(src / "open_clip_pytorch_model.bin"))
   with open(src / "open_clip_config.json", "w") as f:
-    json.dump({"model_cfg": TINY_OC, "preprocess_cfg": {}}, f)
+    json.dump({"model_cfg": TINY_OC_BPE, "preprocess_cfg": {}}, f)
   bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
   dst = str(tmp_path_factory.mktemp("md") / "tiny")
   convert("openclip", str(src), dst, bpe=bpe)
@@ -65,13 +59,19 @@ def _make(config):
   return init, source, objectives.make(config, source.info, init)
 
 
-def test_first_step_embeddings_equal_the_converted_model(converted, tmp_path):
-  """The state a run starts from embeds images and BPE-tokenised captions as open_clip does (<= 1e-5)."""
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_first_step_embeddings_equal_the_converted_model(converted, tmp_path, scan):
+  """The state a run starts from embeds images and BPE-tokenised captions as open_clip does (<= 1e-5),
+  also with model.scan_layers (the dir's unrolled blocks stacked into the scanned layout)."""
+  import dataclasses
   torch = torch_or_skip()
   m, path = converted
   config = _config(tmp_path, path)
+  config.model.scan_layers = scan
   init, source, task = _make(config)
-  assert task.cfg == init.config and type(source.info["tokenizer"]).__name__ == "CLIPTokenizer"
+  assert task.cfg.scan_layers == scan
+  assert dataclasses.replace(task.cfg, scan_layers=False) == init.config
+  assert type(source.info["tokenizer"]).__name__ == "CLIPTokenizer"
   tx, _ = state_lib.make_optimizer(config.optim, 3)
   mesh = loop.mesh_lib.make_mesh(-1, 1, 1)
   state, _ = state_lib.create_state(task.init_params, tx, mesh, config.seed)

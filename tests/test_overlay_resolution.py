@@ -1,55 +1,22 @@
 """Overlays at the image's own resolution and aspect, captions wrapped not cut (issue 23).
 
 ``trace-jax explain --image photo.jpg`` on a 512x384 photo: the overlay (and each panel of the contact
-sheet) is 512x384, equal to an independent float64 NumPy reference (bilinear resample of the map onto
-the photo, half-pixel centres as cv2.resize / grad-cam's scale_cam_image, then the 'jet' blend), and
-the caption under each panel is the whole text, wrapped over several lines.
+sheet) is 512x384, equal to an independent float64 NumPy reference (tests/_overlay_reference.py:
+bilinear resample of the map onto the photo, half-pixel centres as cv2.resize / grad-cam's
+scale_cam_image, then the 'jet' blend), and the caption under each panel is the whole text, wrapped
+over several lines.
 """
 from __future__ import annotations
 
-import jax
-import matplotlib
 import numpy as np
 import pytest
 
+from _overlay_reference import assert_overlay_close, bilinear64, reference_overlay
+from conftest import save_tiny_word_model
 from trace_jax.cli import main
-from trace_jax.models import get_config, init_params
 
 LONG = ("the small red circle on the left of the big blue square under the bright sky next to the green "
         "triangle on the grass by the water")
-
-
-def bilinear64(a: np.ndarray, H: int, W: int) -> np.ndarray:
-  """Float64 bilinear resize, half-pixel centres, edges clamped (cv2.INTER_LINEAR when upsampling)."""
-  a = np.asarray(a, np.float64)
-  h, w = a.shape
-
-  def axis(n_out, n_in):
-    c = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    i0 = np.floor(c).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, c - i0
-
-  y0, y1, wy = axis(H, h)
-  x0, x1, wx = axis(W, w)
-  rows = a[y0] * (1 - wy)[:, None] + a[y1] * wy[:, None]
-  return rows[:, x0] * (1 - wx) + rows[:, x1] * wx
-
-
-def reference_overlay(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-  """(1 - alpha) image + alpha jet(map resampled onto the image): float64."""
-  up = bilinear64(heat, *rgb.shape[:2])
-  jet = matplotlib.colormaps["jet"](np.clip(up, 0, 1))[..., :3] * 255.0
-  return (1 - alpha) * rgb.astype(np.float64) + alpha * jet
-
-
-def assert_overlay_close(pic: np.ndarray, ref: np.ndarray):
-  """uint8 rounding: within 1 level; the colormap is a 256-entry table, so a map value that float32
-  and float64 put on two sides of a bin edge moves one colour by up to one bin (~4 levels x alpha):
-  allowed for at most 1e-4 of the values."""
-  err = np.abs(pic.astype(np.float64) - ref)
-  assert err.max() <= 3.0, err.max()
-  assert (err > 1.01).mean() <= 1e-4, (err > 1.01).mean()
 
 
 def ink_bands(strip: np.ndarray) -> list[tuple[int, int]]:
@@ -62,15 +29,8 @@ def ink_bands(strip: np.ndarray) -> list[tuple[int, int]]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   from PIL import Image
-  from trace_jax.data import pipeline
-  from trace_jax.model_dir import save_model
   root = tmp_path_factory.mktemp("overlay_res")
-  cfg = get_config("tiny")
-  tok = pipeline.make_tokenizer(cfg.text.context_length)
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": tok.vocab_size}))
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  d = save_model(str(root / "model"), params, cfg, source="test",
-                 tokenizer_files={"words.json": tok.save(str(root / "words.json"))})
+  d = save_tiny_word_model(root)
   # a 512x384 "photo": smooth colours plus a red disc and a blue square, saved as JPEG
   yy, xx = np.mgrid[0:384, 0:512]
   img = np.stack([xx / 2, yy / 1.5, 255 - xx / 2], -1)

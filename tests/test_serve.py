@@ -5,7 +5,7 @@ The server is the real command in a subprocess on a tiny random-weight model dir
 dataset's word tokenizer. Every answer the page shows is checked against the library called directly
 in this process (``attribution.api.explain``, ``inversion.maskinversion.invert``,
 ``evaluation.zeroshot.class_text_embeddings``) on independently preprocessed inputs, and the overlays
-against the float64 reference of tests/test_overlay_resolution.py.
+against the float64 reference of tests/_overlay_reference.py.
 
 ``TRACE_JAX_SCREENSHOTS=DIR`` (e.g. docs/img) also writes the two views' screenshots there.
 """
@@ -25,12 +25,11 @@ import urllib.error
 import urllib.request
 import uuid
 
-import jax
 import numpy as np
 import pytest
 
-from conftest import ALLOW_MISSING_PEERS, require_peer
-from test_overlay_resolution import assert_overlay_close, reference_overlay
+from _overlay_reference import assert_overlay_close, reference_overlay
+from conftest import ALLOW_MISSING_PEERS, require_peer, save_tiny_word_model
 
 pytestmark = pytest.mark.slow
 
@@ -94,15 +93,9 @@ def photo(h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-  from trace_jax.data import pipeline
-  from trace_jax.model_dir import load, save_model
-  from trace_jax.models import get_config, init_params
+  from trace_jax.model_dir import load
   root = tmp_path_factory.mktemp("serve")
-  cfg = get_config("tiny")
-  tok = pipeline.make_tokenizer(cfg.text.context_length)
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": tok.vocab_size}))
-  d = save_model(str(root / "model"), init_params(cfg, jax.random.PRNGKey(0)), cfg, source="test",
-                 tokenizer_files={"words.json": tok.save(str(root / "words.json"))})
+  d = save_tiny_word_model(root)
   return root, d, load(d, dtype=None)
 
 

@@ -52,6 +52,31 @@ def png_bytes(rgb: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
+def _decode_upload(data: bytes, what: str, mode: str) -> np.ndarray:
+  """Bytes of an uploaded image file -> uint8 pixels in PIL ``mode`` ("RGB": [H, W, 3], "L": [H, W]).
+
+  The one place that applies the upload limits (bytes, then pixels before decoding) and turns every
+  PIL failure into a ValueError naming ``what`` (the page shows it as it is).
+  """
+  from PIL import Image
+  if not data:
+    raise ValueError(f"{what} is empty: choose an image file (PNG, JPEG, ...)")
+  if len(data) > MAX_UPLOAD_BYTES:
+    raise ValueError(f"{what} is {len(data) / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES >> 20} MiB")
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      if im.size[0] * im.size[1] > MAX_PIXELS:
+        raise ValueError(f"{what} is {im.size[0]}x{im.size[1]} pixels; the limit is {MAX_PIXELS:,}")
+      pixels = np.asarray(im.convert(mode))
+  except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+    kind = "not an image file (PNG, JPEG, ...)" if isinstance(e, Image.UnidentifiedImageError) else \
+        f"an image file that cannot be decoded ({type(e).__name__})"
+    raise ValueError(f"{what} is {kind}") from None
+  if 0 in pixels.shape:
+    raise ValueError(f"{what} has no pixels (shape {pixels.shape})")
+  return pixels
+
+
 def token_scores(tokenizer, text: str, ids_row: np.ndarray, attr: np.ndarray,
                  valid: np.ndarray | None = None) -> list[tuple[str, float]]:
   """(token string, attribution in [0, 1]) for the tokens between start and end of one text row.
@@ -112,23 +137,7 @@ class Engine:
   @staticmethod
   def decode_image(data: bytes, what: str = "the uploaded image") -> np.ndarray:
     """Bytes of an image file -> uint8 RGB [H, W, 3] at its own resolution; ValueError otherwise."""
-    from PIL import Image
-    if not data:
-      raise ValueError(f"{what} is empty: choose an image file (PNG, JPEG, ...)")
-    if len(data) > MAX_UPLOAD_BYTES:
-      raise ValueError(f"{what} is {len(data) / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES >> 20} MiB")
-    try:
-      with Image.open(io.BytesIO(data)) as im:
-        if im.size[0] * im.size[1] > MAX_PIXELS:
-          raise ValueError(f"{what} is {im.size[0]}x{im.size[1]} pixels; the limit is {MAX_PIXELS:,}")
-        rgb = np.asarray(im.convert("RGB"))
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-      kind = "not an image file (PNG, JPEG, ...)" if isinstance(e, Image.UnidentifiedImageError) else \
-          f"an image file that cannot be decoded ({type(e).__name__})"
-      raise ValueError(f"{what} is {kind}") from None
-    if rgb.ndim != 3 or 0 in rgb.shape:
-      raise ValueError(f"{what} has no pixels (shape {rgb.shape})")
-    return rgb
+    return _decode_upload(data, what, "RGB")
 
   def model_input(self, rgb: np.ndarray) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [1, S, S, 3]: squashed to the model's size, CLIP-normalised."""
@@ -236,18 +245,7 @@ class Engine:
   def decode_mask(self, data: bytes, name: str) -> np.ndarray:
     """An uploaded mask file -> float32 [H, W] in [0, 1]: grey value / 255, no threshold (as
     MaskInversion's ``MaskInversionMaskPreprocess``; trace_jax/cli/invert.py reads files the same way)."""
-    from PIL import Image
-    if not data:
-      raise ValueError(f"mask file {name} is empty")
-    if len(data) > MAX_UPLOAD_BYTES:
-      raise ValueError(f"mask file {name} is {len(data) / 2**20:.1f} MiB; the limit is {MAX_UPLOAD_BYTES >> 20} MiB")
-    try:
-      with Image.open(io.BytesIO(data)) as im:
-        if im.size[0] * im.size[1] > MAX_PIXELS:
-          raise ValueError(f"mask file {name} is {im.size[0]}x{im.size[1]} pixels; the limit is {MAX_PIXELS:,}")
-        return np.asarray(im.convert("L"), np.float32) / 255.0
-    except (OSError, Image.DecompressionBombError, SyntaxError) as e:
-      raise ValueError(f"mask file {name} is not an image file PIL can decode ({type(e).__name__})") from None
+    return _decode_upload(data, f"mask file {name}", "L").astype(np.float32) / 255.0
 
   def _to_model_grid(self, mask: np.ndarray) -> np.ndarray:
     """A mask over the uploaded image (any size) -> [S, S], area-averaged (a soft mask in [0, 1]).

@@ -147,19 +147,32 @@ function tokenColour(s) {  // white -> dark red, as matplotlib 'Reds' roughly
   return "rgb(" + r + "," + g + "," + g + ")";
 }
 
-$("run-explain").addEventListener("click", async () => {
-  $("explain-error").textContent = ""; $("explain-warnings").textContent = "";
+// one run of a view ("explain" / "invert"): its form POSTed to /api/<view> with a ticking status and
+// the button locked until the answer; render(res) -> [status note, results HTML]; errors in <view>-error
+async function runView(view, fd, what, render) {
+  $(view + "-error").textContent = "";
+  if (state.blob) fd.append("image", state.blob, "upload");
+  const done = timer($(view + "-status"), what);
+  $("run-" + view).disabled = true;
+  try {
+    const res = await getJSON("/api/" + view, { method: "POST", body: fd });
+    const [note, html] = render(res);
+    $(view + "-status").textContent = "done in " + done() + " s (" + note + ")";
+    $(view + "-results").innerHTML = html;
+  } catch (e) {
+    done(); $(view + "-status").textContent = "";
+    $(view + "-error").textContent = e.message;
+  } finally { $("run-" + view).disabled = false; }
+}
+
+$("run-explain").addEventListener("click", () => {
+  $("explain-warnings").textContent = "";
   const methods = [...document.querySelectorAll("input[name=method]:checked")].map((c) => c.value);
   const fd = new FormData();
-  if (state.blob) fd.append("image", state.blob, "upload");
   fd.append("phrases", $("phrases").value);
   for (const m of methods) fd.append("method", m);
   const n = $("phrases").value.split("\n").filter((s) => s.trim()).length;
-  const done = timer($("explain-status"), "running " + methods.join(", ") + " on " + n + " phrase(s)");
-  $("run-explain").disabled = true;
-  try {
-    const res = await getJSON("/api/explain", { method: "POST", body: fd });
-    $("explain-status").textContent = "done in " + done() + " s (" + res.width + "×" + res.height + ")";
+  return runView("explain", fd, "running " + methods.join(", ") + " on " + n + " phrase(s)", (res) => {
     $("explain-warnings").textContent = res.warnings.join("\n");
     let h = '<table class="grid" id="explain-grid"><tr><th>phrase</th>';
     for (const m of res.methods) h += "<th>" + esc(m) + "</th>";
@@ -179,11 +192,8 @@ $("run-explain").addEventListener("click", async () => {
       h += "</tr>";
     });
     h += '</table><p><a id="npz-link" href="' + res.npz + '" download>raw maps (.npz)</a></p>';
-    $("explain-results").innerHTML = h;
-  } catch (e) {
-    done(); $("explain-status").textContent = "";
-    $("explain-error").textContent = e.message;
-  } finally { $("run-explain").disabled = false; }
+    return [res.width + "×" + res.height, h];
+  });
 });
 
 // ------------------------------------------------------------------ invert: boxes on a canvas
@@ -239,20 +249,13 @@ function renderBoxes() {
 }
 $("clear-boxes").addEventListener("click", () => { state.boxes = []; renderBoxes(); });
 
-$("run-invert").addEventListener("click", async () => {
-  $("invert-error").textContent = "";
+$("run-invert").addEventListener("click", () => {
   const fd = new FormData();
-  if (state.blob) fd.append("image", state.blob, "upload");
   fd.append("boxes", JSON.stringify(state.boxes));
   for (const f of $("mask-files").files) fd.append("mask", f, f.name);
   fd.append("classes", $("classes").value);
   const n = state.boxes.length + $("mask-files").files.length;
-  const done = timer($("invert-status"), "MaskInversion for " + n + " mask(s)");
-  $("run-invert").disabled = true;
-  try {
-    const res = await getJSON("/api/invert", { method: "POST", body: fd });
-    $("invert-status").textContent = "done in " + done() + " s (loss " + res.losses[0].toFixed(4) + " → " +
-      res.losses[1].toFixed(4) + ", " + res.mode + ")";
+  return runView("invert", fd, "MaskInversion for " + n + " mask(s)", (res) => {
     let h = '<table class="grid" id="invert-grid"><tr><th>#</th><th>mask</th><th>final LeGrad map of its LET</th><th>top classes</th></tr>';
     res.masks.forEach((m, i) => {
       h += '<tr class="mask-row"><th>' + (i + 1) + '</th><td><img class="mask" src="' + m + '"></td><td><img class="map" src="' +
@@ -260,11 +263,8 @@ $("run-invert").addEventListener("click", async () => {
         '<li><span class="cls">' + esc(c) + "</span> " + s.toFixed(3) + "</li>").join("") + "</ol></td></tr>";
     });
     h += '</table><p><a id="invert-npz" href="' + res.npz + '" download>LETs and maps (.npz)</a></p>';
-    $("invert-results").innerHTML = h;
-  } catch (e) {
-    done(); $("invert-status").textContent = "";
-    $("invert-error").textContent = e.message;
-  } finally { $("run-invert").disabled = false; }
+    return ["loss " + res.losses[0].toFixed(4) + " → " + res.losses[1].toFixed(4) + ", " + res.mode, h];
+  });
 });
 
 // ------------------------------------------------------------------ start
