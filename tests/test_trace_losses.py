@@ -314,3 +314,30 @@ def test_grounding_on_a_constructed_case():
   assert "subspace 1" in str(t) and "'animal'" in str(t)
   t = grounding.trace_word("bus", vocab, np.asarray(arrays["assignment"]), m, M, q, (2, 2))
   assert t.coarse == "vehicle" and t.fine == "car" and t.heatmap.shape == (2, 2)   # bus is absent: car wins
+
+
+def test_gate_power_tempers_the_coarse_gate(rng):
+  """heatmaps(gate_power=γ) against float64 NumPy written from (13) with M^γ: fine word v of coarse c,
+  h_iv = M_ic^γ · softmax over v's siblings of <q_i, a_v'>/T; coarse word c, h_ic = M_ic^γ; γ = 1 is (13)."""
+  h = an.Hierarchy.from_dict({"coarse": ["animal", "vehicle"],
+                              "fine": {"cat": "animal", "dog": "animal", "car": "vehicle", "bus": "vehicle"}})
+  words = ["animal", "vehicle", "cat", "dog", "car", "bus"]
+  vocab = an.build_vocab(h, words, rng.normal(size=(6, 5)))
+  arrays = vocab_arrays(vocab, 2)
+  M = rng.dirichlet([1.0, 1.0], size=7)                                   # [N, C]
+  q = rng.normal(size=(7, 5))
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  a = np.asarray(vocab.anchors, np.float64)
+  for gamma in (1.0, 0.3):
+    H = np.asarray(grounding.heatmaps(jnp.asarray(M, jnp.float32), jnp.asarray(q, jnp.float32), arrays["anchors"],
+                                      arrays["coarse"], arrays["group"], 0.1, gate_power=gamma))
+    s = q @ a.T / 0.1
+    for w in words:
+      v = vocab.index(w)
+      c = int(vocab.coarse[v])
+      if w in h.coarse:
+        want = M[:, c] ** gamma
+      else:
+        sib = [u for u in range(6) if vocab.group[u] == vocab.group[v]]
+        want = M[:, c] ** gamma * np.exp(s[:, v]) / np.exp(s[:, sib]).sum(1)
+      np.testing.assert_allclose(H[v], want, rtol=2e-5, atol=1e-6, err_msg=f"{w} gamma={gamma}")

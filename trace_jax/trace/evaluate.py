@@ -88,7 +88,8 @@ def make_maps_fn(task, method: str, vocab, *, gate: bool | None = None):
       return h, tl.memberships(proj, tcfg.tau_member, tcfg.eps)
     _, aux = model.apply({"params": params["clip"]}, images, method="encode_image")
     m, Mc, q = tl.trace_features(aux, params["trace"], arrays["assignment"], num_coarse, tcfg)
-    h = grounding.heatmaps(Mc, q, arrays["anchors"], arrays["coarse"], arrays["group"], tcfg.temp_token, gate)
+    h = grounding.heatmaps(Mc, q, arrays["anchors"], arrays["coarse"], arrays["group"], tcfg.temp_token, gate,
+                           getattr(task, "gate_power", 1.0))
     return (minmax(h) if method == "trace_minmax" else h), m
   return jax.jit(f)
 
@@ -214,7 +215,10 @@ def _scores(pred, gt, threshold) -> dict:
   if len(pred) == 0:
     return {"tokens": 0}
   s = M.threshold_scores(pred, gt, threshold)
-  return {"tokens": int(len(pred)), "precision": s["macro_precision"], "recall": s["macro_recall"],
+  # coverage: the share of patches predicted, against the share the words really cover (what a
+  # readout that lights half of every image gains in recall it pays in precision)
+  return {"tokens": int(len(pred)), "coverage": float(np.mean(pred >= threshold)), "gt_coverage": float(np.mean(gt)),
+          "precision": s["macro_precision"], "recall": s["macro_recall"],
           "miou": s["miou"], "micro_precision": s["micro_precision"], "micro_recall": s["micro_recall"],
           "micro_iou": s["micro_iou"], "empty_predictions": float(np.mean(s["tp"] + s["fp"] == 0))}
 

@@ -26,6 +26,7 @@ class TraceModel(NamedTuple):
   tokenizer: Any
   trace_cfg: tl.TraceConfig
   gate: bool
+  gate_power: float = 1.0
 
 
 def from_model_dir(md) -> TraceModel:
@@ -40,4 +41,5 @@ def from_model_dir(md) -> TraceModel:
   tcfg = tl.TraceConfig(**meta["trace_config"])
   arrays = vocab_arrays(vocab.closed, num_subspaces=md.config.vision.heads)
   return TraceModel(md.config, md.model, vocab, arrays, token_to_vocab(md.tokenizer, vocab.closed),
-                    md.tokenizer, tcfg, bool(meta["gate"]))
+                    md.tokenizer, tcfg, bool(meta["gate"]),
+                    float(meta.get("gate_power", 1.0)))   # dirs written before gate_power: eq. (13) as written

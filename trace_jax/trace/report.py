@@ -149,7 +149,8 @@ def make_report(task, params, source, out_dir: str, *, indices: Sequence[int] = 
       v = t2v[batch["caption_ids"][r, l]]
       if v >= 0 and batch["token_kind"][r, l] in kinds and vocab.words[v] not in words:
         words.append(vocab.words[v])
-    traces = [grounding.trace_word(w, vocab, assignment, m[r], Mc[r], q[r], (g, g), tcfg.temp_token, gate)
+    traces = [grounding.trace_word(w, vocab, assignment, m[r], Mc[r], q[r], (g, g), tcfg.temp_token, gate,
+                                   getattr(task, "gate_power", 1.0))
               for w in words[:max_words]]
     caption = pipeline._str(examples[r]["caption"])
     path = os.path.join(out_dir, f"trace_{int(idx):05d}.png")

@@ -1,7 +1,8 @@
 """TRACE grounding on the real datasets (TRACE slides; trace_jax/evaluation/real/).
 
 * ``trace_grounding`` (TRACE slides; COCO-Stuff): per grounded caption word, the word-to-patch map of
-  TRACE (trace/grounding.heatmaps via trace/evaluate.make_maps_fn) or of the CLIP patch-word baseline
+  TRACE (trace/grounding.heatmaps via trace/evaluate.make_maps_fn, with the model dir's gate power,
+  min-max per map: the normalisation of the CLIP readout) or of the CLIP patch-word baseline
   (trace/evaluate.clip_patch_word), bilinearly upsampled to the original image, binarised at >= 0.5;
   precision / recall / IoU against the pixels of the word's COCO-Stuff labels (metrics.mask_scores).
 """
@@ -41,7 +42,7 @@ def trace_maps_fn(e, checkpoint: str):
     md = model_dir.load(checkpoint)
     task, params = from_model_dir(md), jax.tree.map(jnp.asarray, md.tree())
     vocab = task.vocab.closed
-    f = te.make_maps_fn(task, 'trace', vocab)
+    f = te.make_maps_fn(task, 'trace_minmax', vocab)    # min-max per map, as the CLIP readout below
     cfg = task.cfg
 
     from trace_jax.data.real.coco import _singular
