@@ -3,11 +3,13 @@
     python benchmarks/attribution.py                       # all registered cases, ViT-B/16-sized model
     python benchmarks/attribution.py --cases gradcam --model small --n 3   # quick smoke run
     python benchmarks/attribution.py --cases legrad m2ib --n 3             # the other two peers
+    python benchmarks/attribution.py --cases legrad_siglip --n 3           # LeGrad on SigLIP B/16
 
 Harness: ``timeit`` (warm-up calls, then the median of n timed calls; JAX results are blocked on),
 a registry of cases (``@case('name')`` functions returning ``Row``s) and a markdown ratio table
 (``peer / ours``: > 1 means trace_jax is faster). LeGrad and M2IB cases live beside their methods'
-helpers (``legrad_bench.py``, ``m2ib_bench.py``, run in subprocesses); MaskInversion has its own
+helpers (``legrad_bench.py``, ``m2ib_bench.py``, run in subprocesses; ``legrad_siglip_bench.py``
+in-process); MaskInversion has its own
 script (``maskinversion.py``). More cases: a function decorated with ``@case('name')`` here or in a
 module imported by ``--import``, returning rows.
 """
@@ -192,6 +194,21 @@ def m2ib_case(ctx: Context) -> list[Row]:
   ours = r["ours_warm_median_s"]
   return [Row("m2ib", "1 pair, image + text", ours, r["torch_official_median_s"], "torch port, as official"),
           Row("m2ib", "1 pair, image + text", ours, r["torch_frozen_median_s"], "torch port, frozen weights")]
+
+
+@case("legrad_siglip")
+def legrad_siglip_case(ctx: Context) -> list[Row]:
+  """LeGrad on SigLIP B/16 (random ``ViT-B-16-SigLIP`` weights, open_clip 2.23.0), 1 image x 8 prompts
+  at 224 px, vs legrad-torch's ``compute_legrad_siglip`` on the same weights in this process
+  (benchmarks/legrad_siglip_bench.py ``measure``; ``--model`` does not apply). Theirs gives one map
+  per call (the score summed over its prompts), so 8 maps are 8 calls; their single call with all 8
+  prompts (one summed map) is the second row."""
+  r = _sibling("legrad_siglip_bench").measure(ctx.n, 224, 8)
+  setting = f"1 image x {r['prompts']} prompts @{r['size']}"
+  return [Row("legrad_siglip", setting, r["ours"], r["peer_loop"], "legrad-torch 1.1",
+              f"theirs: {r['prompts']} calls, one map each"),
+          Row("legrad_siglip", setting, r["ours"], r["peer_one"], "legrad-torch 1.1",
+              f"theirs: 1 call = ONE map of the summed prompts (ours: {r['prompts']} maps)")]
 
 
 THROUGHPUT_METHODS = ("legrad", "gradcam", "rollout", "chefer", "saliency")

@@ -2,6 +2,9 @@
 device (8 emulated CPU devices, tests/conftest.py), each process's share of a dataset, and streaming,
 resumable dataset commands.
 
+CRATE towers: the commands either run (embed, GradCAM) or refuse naming the tower (MaskInversion,
+LeGrad). Explain chunks of one image reuse ONE image forward (LeGrad).
+
 References: the all-at-once, one-device call of the same library function (itself tested against
 maskinversion-torch / the peers in test_maskinversion.py, test_m2ib.py, test_attribution_methods.py).
 Tolerance for LETs: max|diff| <= 1e-3 * max|LET| (LET_RTOL, notes/legrad-maskinversion.md, float32);
@@ -49,7 +52,7 @@ def close(a, b, rel=LET_RTOL):
 
 
 @pytest.mark.parametrize("mode", ["exact", "decomposed"])
-def test_chunked_masks_equal_one_call(tiny, mode):
+def test_chunked_masks_equal_one_call(tiny, mode, monkeypatch):
   """37 masks in calls of <= 8 (5 calls, one prepared image) == one call of all 37 (bucket 40)."""
   cfg, params, model = tiny
   rng = np.random.default_rng(0)
@@ -58,11 +61,11 @@ def test_chunked_masks_equal_one_call(tiny, mode):
   one = mi.invert(model, params, img, masks, mode=mode, lr=0.5, alpha=1.0, steps=6)
   pl = mi.plan(cfg, (32, 32), 37, 1, mode, budget=1e12, max_masks_per_call=8)
   assert pl["chunked"] and pl["calls"] == 5 and pl["chunk"] == 8
-  prep = mi._compiled_prepare(cfg, (1,), mode, "antialias", None)
-  n_prep = prep._cache_size()
+  preps, real = [], mi._compiled_prepare
+  monkeypatch.setattr(mi, "_compiled_prepare", lambda *a: preps.append(real(*a)) or preps[-1])
   chunked = mi.invert(model, params, img, masks, mode=mode, lr=0.5, alpha=1.0, steps=6,
                       max_masks_per_call=8)
-  assert prep._cache_size() == n_prep + 1  # the image was prepared by its own (single) program
+  assert len(preps) == 1  # the image was prepared once, by its own program, for the five chunk calls
   run = mi._compiled_chunk(cfg, (1,), 6, mode, (4, 4))
   assert run._cache_size() == 1           # five calls, one compilation
   assert chunked["lets"].shape == (37, cfg.embed_dim) and chunked["map"].shape == (37, 24, 20)
@@ -160,6 +163,45 @@ def test_explain_prompts_chunked_and_sharded(tiny):
   ref = explain("legrad", model, params, imgs, ids[:5])
   got = explain_pairs("legrad", model, params, imgs, ids[:5], batch_size=3, devices="all")
   np.testing.assert_allclose(got["map"], np.asarray(ref["map"]), atol=2e-4)
+
+
+def test_explain_prompts_legrad_runs_the_image_tower_once(tiny, monkeypatch):
+  """LeGrad, 11 prompts in chunks of 4: ONE prepare call (the image tower) and 3 chunk calls, equal
+  to the unchunked explain('legrad') (rtol 1e-5, atol 1e-6 * max); the chunk program reads no pixels
+  and does not depend on the patch / position / class embeddings or ln_pre (NaN there changes
+  nothing), while the prepare program does."""
+  from trace_jax.attribution.api import explain
+  from trace_jax.inference import explain as ie
+  cfg, params, model = tiny
+  rng = np.random.default_rng(12)
+  img = rng.standard_normal((32, 32, 3)).astype(np.float32)
+  ids = rng.integers(1, 900, (11, 16)).astype(np.int32)
+  ids[:, 0], ids[:, 7:] = 1, 0
+  ids[:, 6] = 999
+  ref = {k: np.asarray(v) for k, v in explain("legrad", model, params, img[None], ids).items()}
+  prepare, chunk = ie.legrad_programs(cfg, (0, 1), "antialias")  # layers=-2 of a 2-block tower
+  calls = {"prepare": 0, "chunk": 0}
+
+  def counted(name, f):
+    def g(*a):
+      calls[name] += 1
+      return f(*a)
+    return g
+  monkeypatch.setattr(ie, "legrad_programs", lambda *a: (counted("prepare", prepare), counted("chunk", chunk)))
+  got = ie.explain_prompts("legrad", model, params, img, ids, max_prompts=4)
+  assert calls == {"prepare": 1, "chunk": 3}
+  assert set(got) == set(ref)
+  for k in ref:
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, atol=1e-6 * np.abs(ref[k]).max(), err_msg=k)
+  poison = {"conv1", "class_embedding", "positional_embedding", "ln_pre"}
+  bad = {**params, "visual": {k: jax.tree.map(lambda x: np.full_like(x, np.nan), v) if k in poison else v
+                              for k, v in params["visual"].items()}}
+  state = prepare(params, img)
+  a, b = chunk(params, state, ids[:4], (32, 32)), chunk(bad, state, ids[:4], (32, 32))
+  for k in a:
+    assert np.isfinite(np.asarray(b[k])).all()
+    np.testing.assert_array_equal(np.asarray(b[k]), np.asarray(a[k]))
+  assert not np.isfinite(np.asarray(prepare(bad, img)["z0"])).any()
 
 
 def test_embed_sharded_equals_single(tiny):
@@ -284,7 +326,7 @@ def test_cli_invert_dataset_resume_and_failures(dataset_dir, monkeypatch):
                                 "imgs/im2.png,m3.png\nimgs/im2.png,m4.png\n")
   base = ["invert", "--checkpoint", d, "--dataset", str(root / "inv.csv"), "--mode", "exact",
           "--steps", "3", "--lr", "0.5", "--no-progress", "--devices", "1"]
-  assert main(base + ["--shards-dir", str(root / "inv_a")]) == 0
+  assert main(base + ["--out", str(root / "inv_a")]) == 0
   shards = ds.read_shards(str(root / "inv_a"), "lets")
   assert len(shards) == 4  # shard size 1: one image per shard
   assert list(shards[1]["failed_ids"]) == ["imgs/broken.png"] and shards[1]["lets"].shape[0] == 0
@@ -311,13 +353,13 @@ def test_cli_invert_dataset_resume_and_failures(dataset_dir, monkeypatch):
     return real(path, arrays)
   monkeypatch.setattr(ds, "write_npz", dies)
   with pytest.raises(KeyboardInterrupt):
-    main(base + ["--shards-dir", str(root / "inv_b")])
+    main(base + ["--out", str(root / "inv_b")])
   monkeypatch.setattr(ds, "write_npz", real)
-  assert main(base + ["--shards-dir", str(root / "inv_b")]) == 0
+  assert main(base + ["--out", str(root / "inv_b")]) == 0
   assert _files(root / "inv_b") == _files(root / "inv_a")
   # two processes (index / count injected), all 8 devices: disjoint shards, union == the whole
   for i in range(2):
-    assert main(base[:-2] + ["--shards-dir", str(root / "inv_c"), "--process-index", str(i),
+    assert main(base[:-2] + ["--out", str(root / "inv_c"), "--process-index", str(i),
                              "--process-count", "2"]) == 0
   c = _files(root / "inv_c")
   assert sorted(k for k in c if k.startswith("lets")) == sorted(k for k in _files(root / "inv_a") if k.startswith("lets"))
@@ -341,7 +383,7 @@ def test_cli_explain_and_embed_dataset(dataset_dir):
                                "imgs/im0.png,the cube on the left\nimgs/broken.png,a cube\n"
                                "imgs/im1.png,a ball\n")
   args = ["explain", "--checkpoint", d, "--dataset", str(root / "ex.csv"), "--method", "legrad",
-          "--shards-dir", str(root / "ex"), "--max-prompts", "2", "--shard-size", "2", "--no-progress"]
+          "--out", str(root / "ex"), "--max-prompts", "2", "--shard-size", "2", "--no-progress"]
   assert main(args) == 0
   shards = ds.read_shards(str(root / "ex"), "maps")
   assert [list(s["ids"]) for s in shards] == [["imgs/im0.png", "imgs/broken.png"], ["imgs/im1.png"]]
@@ -355,7 +397,7 @@ def test_cli_explain_and_embed_dataset(dataset_dir):
   before = _files(root / "ex")
   assert main(args) == 0 and _files(root / "ex") == before
 
-  eargs = ["embed", "--checkpoint", d, "--dataset", str(root / "imgs"), "--shards-dir",
+  eargs = ["embed", "--checkpoint", d, "--dataset", str(root / "imgs"), "--out",
            str(root / "em"), "--shard-size", "3", "--no-progress"]
   assert main(eargs) == 0
   shards = ds.read_shards(str(root / "em"), "embeds")
@@ -368,3 +410,55 @@ def test_cli_explain_and_embed_dataset(dataset_dir):
   np.testing.assert_allclose(got, ref, atol=1e-5)
   before = _files(root / "em")
   assert main(eargs) == 0 and _files(root / "em") == before
+
+
+@pytest.fixture(scope="module")
+def crate_dir(dataset_dir):
+  """The tiny CRATE-tower dual encoder (crate-clip-tiny) with the word tokenizer, as a model dir."""
+  from trace_jax.model_dir import save_model
+  from trace_jax.tokenizers import WordTokenizer
+  root, _ = dataset_dir
+  cfg = get_config("crate-clip-tiny")
+  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
+  params = init_params(cfg, jax.random.PRNGKey(2))
+  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words_crate.json"))
+  return save_model(str(root / "crate_model"), params, cfg, source="test", tokenizer_files={"words.json": words})
+
+
+@pytest.mark.slow
+def test_dataset_commands_on_a_crate_tower(dataset_dir, crate_dir, capsys):
+  """CRATE tower: `embed --dataset` and `explain --method gradcam --dataset` run (== the API on the
+  same images); `invert` (MaskInversion) and `explain --method legrad` are refused before anything
+  is written, with an error naming the CRATE tower."""
+  from trace_jax import model_dir
+  from trace_jax.attribution.api import explain
+  from trace_jax.cli import common, main
+  from trace_jax.inference import dataset as ds
+  from trace_jax.inference.embed import embed
+  root, _ = dataset_dir
+  md = model_dir.load(crate_dir)
+  assert md.config.vision.kind == "crate"
+  paths = [str(root / "imgs" / f"im{i}.png") for i in range(4)]
+  assert main(["embed", "--checkpoint", crate_dir, "--dataset", str(root / "imgs"), "--out",
+               str(root / "crate_em"), "--no-progress"]) == 0
+  (sh,) = ds.read_shards(str(root / "crate_em"), "embeds")
+  want = embed(md.config, md.params, common.load_images(paths, 32, "crop"))["image_embeds"]
+  np.testing.assert_allclose(sh["image_embeds"], want, atol=1e-5)
+  assert main(["explain", "--checkpoint", crate_dir, "--dataset", str(root / "imgs"), "--text", "a red cube",
+               "--method", "gradcam", "--out", str(root / "crate_ex"), "--shard-size", "8", "--no-progress"]) == 0
+  (sh,) = ds.read_shards(str(root / "crate_ex"), "maps")
+  ids = np.asarray(md.tokenizer(["a red cube"], md.config.text.context_length), np.int32)
+  assert list(sh["failed_ids"]) == ["broken.png"] and list(sh["pair_image"]) == [1, 2, 3, 4]
+  for j in range(4):
+    ref = explain("gradcam", md.model, md.params, common.load_images([paths[j]], 32, "squash"), ids)
+    np.testing.assert_allclose(sh["map"][j:j + 1], np.asarray(ref["map"]), atol=2e-4)
+  capsys.readouterr()
+  (root / "crate_inv.csv").write_text("imgs/im0.png,m0.png\n")
+  for argv, msg in (
+      (["invert", "--dataset", str(root / "crate_inv.csv")], "MaskInversion needs a ViT tower; this model has a CRATE tower"),
+      (["explain", "--dataset", str(root / "imgs"), "--text", "a cube", "--method", "legrad"],
+       "LeGrad needs a ViT tower; this model has a CRATE tower")):
+    out = root / f"crate_refused_{argv[0]}"
+    assert main(argv + ["--checkpoint", crate_dir, "--out", str(out), "--no-progress"]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())  # refused before any shard or index

@@ -196,7 +196,7 @@ def _run(tiny, images, masks, weights, mode, lr=0.5, alpha=0.0):
   """The jitted function ``invert`` uses, with explicit per-mask loss weights."""
   fn = mi._compiled(tiny.cfg, (3,), 10, mode, "antialias", None)
   return fn(tiny.params, jnp.asarray(images), jnp.asarray(masks), jnp.asarray(weights),
-            *mi.hyper_args(lr, alpha, 0.0, 10))
+            *mi.hyper_args(lr, alpha, 0.0, 10), jnp.zeros((tiny.cfg.embed_dim,), jnp.float32))
 
 
 def _close(a, b, rel):

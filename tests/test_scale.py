@@ -208,3 +208,57 @@ def test_bfloat16_step_close_to_float32():
   l, g, _ = _loss_and_grads(_config(dtype="bfloat16"), p0)
   np.testing.assert_allclose(l, l0, rtol=2e-2)
   _assert_grads_close(jax.tree.map(lambda x: np.asarray(x, np.float32), g), g0, 5e-2)
+
+
+@pytest.mark.parametrize("loss,mesh", [("contrastive", (2, 4, 1)),
+                                       pytest.param("amc", (2, 2, 2), marks=pytest.mark.slow)])
+def test_block_activation_constraint_same_loss_and_grads(loss, mesh):
+  """The batch constraint on the tokens at every block boundary (models/scale.constrain_batch, entered
+  by the train step through sharding.activation_rules) changes only the layout: on 8 emulated devices
+  with params sharded by the rule table, loss and gradients equal the unconstrained program's to float32
+  reduction order (the gradient sums over the batch run in another order: measured max |dgrad| 1.1e-6
+  (contrastive) and 7e-7 (AMC) of the largest gradient, as scan / fused attention; asserted to 1e-5 of it, loss rtol 1e-5), and the
+  constrained program really carries the constraints: 2 per block x (2 image + 2 text blocks),
+  per text encoding (AMC encodes the image twice: its GradCAM forward too)."""
+  config = _config(loss)
+  task = objectives.make(config, INFO)
+  m = mesh_lib.make_mesh(*mesh)
+  boxed = task.init_params(jax.random.PRNGKey(0))
+  params = jax.device_put(nn.unbox(boxed), shd.logical_shardings(boxed, m))
+  vg = jax.value_and_grad(task.loss_fn, has_aux=True)
+  rng = jax.random.PRNGKey(1)
+  with jax.set_mesh(m):
+    batch = shd.global_batch(sources.random_batch(config, 0, slice(None)), m)
+    plain = jax.jit(lambda p, b, r: vg(p, b, r), compiler_options=FAST)   # its own jit: traced without rules
+    (l0, _), g0 = plain(params, batch, rng)
+    with shd.activation_rules(m):
+      on = jax.jit(lambda p, b, r: vg(p, b, r), compiler_options=FAST)
+      text = on.lower(params, batch, rng).as_text()
+      (l1, _), g1 = on(params, batch, rng)
+  n0 = plain.lower(params, batch, rng).as_text().count("sharding_constraint")
+  n1 = text.count("sharding_constraint")
+  # forward constraints: 2 per block of every tower application (the backward adds its transposes)
+  applications = {"contrastive": 2 * 2 + 2 * 2, "amc": 3 * (2 * 2) + 2 * 2}[loss]
+  assert n1 - n0 >= applications, (n0, n1)
+  assert "fsdp" in text
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+  g0, g1 = jax.device_get(g0), jax.device_get(g1)
+  top = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0))
+  print("max |dgrad| / max |grad|:", max(float(np.max(np.abs(a - b))) for a, b in
+                                         zip(jax.tree.leaves(g0), jax.tree.leaves(g1))) / top, "constraints", n0, n1)
+  _assert_grads_close(g1, g0, 1e-5)
+
+
+def test_constrain_batch_is_a_noop_without_rules_or_mesh():
+  x = jnp.ones((8, 5, 4))
+  assert scale.constrain_batch(x) is x                       # no rules
+  with scale.activation_rules(shd.LOGICAL_AXIS_RULES):
+    assert scale.constrain_batch(x) is x                     # rules but no mesh context
+    m = mesh_lib.make_mesh(2, 4, 1)
+    with jax.set_mesh(m):
+      y = jnp.ones((6, 5, 4))                                # 6 rows: not divisible by data x fsdp = 8
+      assert scale.constrain_batch(y) is y
+      v = jnp.ones((5, 4))                                   # one example (under vmap): another rank
+      assert scale.constrain_batch(v) is v
+      z = jax.jit(scale.constrain_batch)(x)
+  assert z.sharding.spec[0] == ("data", "fsdp")

@@ -1,6 +1,7 @@
 """Every attribution method on a SigLIP model dir through ``explain`` (and the CLI): runs, gives maps in
 [0, 1], the pair's score is SigLIP's sigmoid logit, and a property per method that fails if the
-SigLIP path were wrong. LeGrad's parity with the authors' code: tests/test_legrad_siglip.py."""
+SigLIP path were wrong. LeGrad's parity with the authors' code: tests/test_legrad_siglip.py; M2IB and
+MaskInversion: tests/test_siglip_m2ib.py, tests/test_siglip_maskinversion.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,10 +86,5 @@ def test_rollout_is_the_probe_row_through_the_blocks(md):
   np.testing.assert_allclose(raw.sum(), 1.0, atol=1e-5)  # rows of every factor sum to 1
 
 
-def test_m2ib_and_maskinversion_refuse_siglip_by_name(md):
-  images, ids = _inputs()
-  with pytest.raises(ValueError, match="SigLIP"):
-    explain("m2ib", md.model, md.params, images, ids)
-  from trace_jax.inversion.maskinversion import invert
-  with pytest.raises(ValueError, match="MaskInversion needs a ViT tower; this model has a SigLIP"):
-    invert(md.model, md.params, images[0], np.ones((1, 32, 32), np.float32))
+# M2IB and MaskInversion on SigLIP: tests/test_siglip_m2ib.py, tests/test_siglip_maskinversion.py
+# (against the official loops on open_clip's SigLIP).

@@ -45,6 +45,20 @@ Differences from the official code, all deliberate and documented:
 
 Vision and text attributions are two independent optimisations (note §0); both run in one jit,
 batched over image-text pairs with ``vmap``, the steps in ``lax.scan``.
+
+SigLIP towers (trace_jax/models/siglip.py; not in the official code, which is HF-CLIP only): the same
+bottleneck on the output of block ``layer``; the tower tail after it is the model's own
+(``siglip.image_from_block``: the remaining blocks, ln_post on every token and the MAP head, which
+attends over all tokens; ``siglip.text_from_block``: the remaining blocks WITHOUT a causal mask, the
+LAST position pooled). There is no class token, so the vision map keeps every token; the text tower is
+not causal and pools the last position, so every position of the padded row (the padding is the end
+id, part of what the model reads) is a real input: ``lengths`` must be the row length, and the text
+map covers the whole row. ``fit``: 'cosine' (default, the official term, for SigLIP too: the
+official code fits CLIP's cosine without its temperature, and beta = 0.1 is calibrated to that scale)
+or 'logit', the pair's logit ``exp(logit_scale) cos (+ logit_bias)`` (SigLIP's sigmoid logit; CLIP has
+no bias), which rescales the fit by exp(t): with Adam that is the cosine fit with beta / exp(t)
+(tests/test_siglip_m2ib.py). The reported ``score`` of a SigLIP pair is its sigmoid logit either way
+(attribution/api.py).
 """
 from __future__ import annotations
 
@@ -55,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trace_jax.models import CLIPConfig, build
+from trace_jax.models import CLIPConfig, build, siglip
 from trace_jax.models.blocks import block_one_query  # noqa: F401  (re-exported: tests/test_m2ib.py)
 from trace_jax.models.blocks import require_vit, text_head, tower_row, vision_head
 from trace_jax.models.layers import dtype_of
@@ -67,6 +81,7 @@ ALPHA_INIT = 5.0      # iba.py initial_value (note §3)
 JIT = False           # attribution.api: explain() validates on the host and jits its own core
 OFFICIAL_SIZE = 224   # methods.py vision_heatmap: F.interpolate(size=224) (note §6)
 COS_EPS = 1e-6        # nn.CosineSimilarity(eps=1e-6) (note §4)
+FITS = ("cosine", "logit")
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,14 +142,20 @@ def capacity(alpha: jax.Array, x: jax.Array, sigma=None) -> jax.Array:
 # (``tower_row`` / ``block_one_query``, the functional block pieces of trace_jax/models/blocks.py).
 
 def _vision_suffix(params, cfg: CLIPConfig, layer: int, t):
-  """t [K, N, W] (output of block ``layer``) -> projected CLS embedding [K, E] (un-normalised)."""
+  """t [K, N, W] (output of block ``layer``) -> projected CLS embedding [K, E] (un-normalised);
+  SigLIP: the MAP-pooled embedding (module docstring)."""
+  if siglip.is_siglip(cfg):
+    return siglip.image_from_block(params, cfg, layer, t)
   dt = _dtype(cfg)
   cls = tower_row(params["visual"], cfg.vision, cfg.act, dt, layer, t, 0, False)
   return vision_head(params["visual"], cls, dt)
 
 
 def _text_suffix(params, cfg: CLIPConfig, layer: int, t, eot):
-  """t [K, L, W] (output of block ``layer``), eot [] -> projected pooled embedding [K, E]."""
+  """t [K, L, W] (output of block ``layer``), eot [] -> projected pooled embedding [K, E];
+  SigLIP: the last position, no causal mask (``eot`` is L - 1)."""
+  if siglip.is_siglip(cfg):
+    return siglip.text_from_block(params, cfg, layer, t)
   dt = _dtype(cfg)
   # ln_final is per token: pool first, then normalise (same numbers as the model's order).
   pooled = tower_row(params["text"], cfg.text, cfg.act, dt, layer, t, eot, True)
@@ -148,11 +169,13 @@ def _dtype(cfg):
 # --------------------------------------------------------------------------------------------
 # One bottleneck optimisation (one pair, one modality); vmapped over pairs by the caller.
 
-def _optimise(x, target, valid, key, noise, *, suffix, beta, lr, sigma, steps, samples):
+def _optimise(x, target, valid, key, noise, *, suffix, beta, lr, sigma, steps, samples, fit=(1.0, 0.0)):
   """Train the bottleneck on x [L, D] against the clean target embedding [E].
 
   valid [L] bool (padded text positions False). noise: None (drawn from ``key``) or
-  [>= steps-1, K, L, D] replayed. Returns (capacity [L, D] of the last forward, losses [steps-1]).
+  [>= steps-1, K, L, D] replayed. ``fit`` (scale, bias): the fit term is ``scale * cos + bias``; (1, 0)
+  is the official cosine (exactly: x * 1 + 0 = x), (exp(t), b) the pair's logit. Returns (capacity
+  [L, D] of the last forward, losses [steps-1]).
   """
   x = x.astype(jnp.float32)
   L, D = x.shape
@@ -164,9 +187,9 @@ def _optimise(x, target, valid, key, noise, *, suffix, beta, lr, sigma, steps, s
     lam = jax.nn.sigmoid(alpha)
     t = lam * x + (s * jax.nn.sigmoid(-alpha)) * eps       # [K, L, D], note §3
     emb = suffix(t)                                         # [K, E]
-    fit = jnp.mean(cosine(emb, target[None]))               # note §4
+    f = fit[0] * jnp.mean(cosine(emb, target[None])) + fit[1]  # note §4 (scale 1, bias 0: the cosine)
     comp = jnp.sum(capacity(alpha, x, sigma) * w) / n_el    # mean over (valid) L*D, = over K*L*D
-    return beta * comp - fit
+    return beta * comp - f
 
   def step(carry, xs):
     alpha, m, v = carry
@@ -192,7 +215,8 @@ def _optimise(x, target, valid, key, noise, *, suffix, beta, lr, sigma, steps, s
 @functools.partial(jax.jit, static_argnames=(
     "cfg", "vlayer", "tlayer", "steps", "samples", "out_hw", "modality", "use_sigma"))
 def _core(params, images, ids, lengths, img_idx, txt_idx, beta_v, beta_t, lr, sigma, key_v, key_t,
-          noise_v, noise_t, *, cfg, vlayer, tlayer, steps, samples, out_hw, modality, use_sigma):
+          noise_v, noise_t, fit_ab=(1.0, 0.0), *, cfg, vlayer, tlayer, steps, samples, out_hw, modality,
+          use_sigma):
   model = build(cfg)
   sig = sigma if use_sigma else None
   out = {}
@@ -210,11 +234,12 @@ def _core(params, images, ids, lengths, img_idx, txt_idx, beta_v, beta_t, lr, si
     valid = jnp.ones(xv.shape[:2], bool)
     suffix = functools.partial(_vision_suffix, params, cfg, vlayer)
     run = functools.partial(_optimise, suffix=suffix, beta=beta_v, lr=lr, sigma=sig,
-                            steps=steps, samples=samples)
+                            steps=steps, samples=samples, fit=fit_ab)
     keys = key_v if key_v.ndim == 2 else jax.random.split(key_v, P)  # [P, 2]: given per pair
     cap, losses = jax.vmap(run, in_axes=(0, 0, 0, 0, None if noise_v is None or noise_v.ndim == 4 else 0))(
         xv, tgt, valid, keys, noise_v)
-    raw = jnp.sum(cap, -1)[:, 1:]                               # nansum over features, drop CLS
+    n_cls = 0 if siglip.is_siglip(cfg) else 1                   # SigLIP has no class token
+    raw = jnp.sum(cap, -1)[:, n_cls:]                           # nansum over features, drop CLS
     gh, gw = images.shape[1] // cfg.vision.patch_size, images.shape[2] // cfg.vision.patch_size
     grid = raw.reshape(P, gh, gw)                               # row-major patches (note §6)
     out["grid_raw"] = grid
@@ -234,7 +259,7 @@ def _core(params, images, ids, lengths, img_idx, txt_idx, beta_v, beta_t, lr, si
     def run_t(x, t, v, e, k, nz):
       suffix = functools.partial(_text_suffix, params, cfg, tlayer, eot=e)
       return _optimise(x, t, v, k, nz, suffix=suffix, beta=beta_t, lr=lr, sigma=sig, steps=steps,
-                       samples=samples)
+                       samples=samples, fit=fit_ab)
     keys = key_t if key_t.ndim == 2 else jax.random.split(key_t, P)
     cap, losses = jax.vmap(run_t, in_axes=(0, 0, 0, 0, 0, None if noise_t is None or noise_t.ndim == 4 else 0))(
         xt, tgt, valid, eot, keys, noise_t)
@@ -259,6 +284,8 @@ def _check_layer(name, layer, n_layers):
 
 
 def _eot_positions(ids: np.ndarray, cfg: CLIPConfig) -> np.ndarray:
+  if cfg.text.pool == "last":  # SigLIP: the last position of the row
+    return np.full(ids.shape[:-1], ids.shape[-1] - 1)
   if cfg.text.pool == "argmax":
     return np.argmax(ids, axis=-1)
   return np.argmax(ids == cfg.text.eos_token_id, axis=-1)
@@ -300,11 +327,11 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
             beta: float = 0.1, text_beta: float | None = None, steps: int = 10, lr: float = 1.0,
             samples: int = 10, sigma: float | None = None, key=None, image_noise=None,
             text_noise=None, lengths=None, out_size: Any = OFFICIAL_SIZE,
-            modality: str = "both", query=None, pair_keys=None) -> dict[str, jax.Array]:
+            modality: str = "both", query=None, pair_keys=None, fit: str = "cosine") -> dict[str, jax.Array]:
   """M2IB image and text attributions for image-text pairs (official-code behaviour, see module doc).
 
   Args:
-    model: the CLIP linen module (``trace_jax.models.build(cfg)``); only ``model.cfg`` is used.
+    model: the CLIP or SigLIP linen module (``trace_jax.models.build(cfg)``); only ``model.cfg`` is used.
     params: its parameters.
     images: [B, H, W, 3] NHWC normalised pixels (or one [H, W, 3]).
     ids: int token ids [T, L] (or one [L]); unpadded as the official usage, or padded (see ``lengths``).
@@ -320,13 +347,15 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
     image_noise / text_noise: replay eps instead: [steps, K, L, D] (shared by all pairs) or
       [P, steps, K, L, D]; eps[s] is used at step s (the last one is unused, as officially).
     lengths: [T] number of real text tokens per row (SOT..EOT); default: pooled EOT position + 1.
-      Pass ``L`` to reproduce the official run on ids padded to L (note §7).
+      Pass ``L`` to reproduce the official run on ids padded to L (note §7). SigLIP: the row length
+      (its pooled position is the last one).
     out_size: size of ``map`` (official 224); an int (square), (H, W), or None = the image size.
     modality: 'both', 'image' or 'text' (skip the other optimisation).
     query: not supported (M2IB needs token ids); present for the ``attribution.explain`` API.
     pair_keys: [2, P, 2] the (image, text) noise key of each pair instead of splitting ``key``: a
       caller that runs the P pairs of one call in chunks passes each chunk its rows of
       :func:`pair_keys_of` (key, P) and gets the all-at-once result (trace_jax/inference/explain.py).
+    fit: 'cosine' (official) or 'logit' (the pair's logit exp(t) cos + b; module docstring).
 
   Returns a dict (P = number of pairs):
     ``grid`` [P, gh, gw] min-max of the patch-grid capacity; ``grid_raw`` the capacity sums;
@@ -341,12 +370,12 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
   cfg = model.cfg if hasattr(model, "cfg") else model
   if modality not in ("both", "image", "text"):
     raise ValueError(f"modality must be 'both', 'image' or 'text'; got {modality!r}")
-  if cfg.vision.kind == "siglip":  # its towers pool by a MAP head / the last token, not a CLS / EOT row
-    raise ValueError("M2IB is not implemented for SigLIP models: it re-runs the tail of each tower from the "
-                     "CLS / end-of-text row, while SigLIP pools with an attention head (image) and the last "
-                     "token without a causal mask (text)")
-  if modality != "text":  # the text bottleneck needs only the image embedding: any image tower
-    require_vit(cfg, "M2IB", "modality='text' (the text map alone) works with any image tower")
+  if fit not in FITS:
+    raise ValueError(f"fit must be one of {FITS}; got {fit!r}")
+  # the text bottleneck needs only the image embedding: any image tower; SigLIP has its own tails
+  if modality != "text" and not siglip.is_siglip(cfg):
+    require_vit(cfg, "M2IB", "SigLIP towers work too; modality='text' (the text map alone) works with any "
+                "image tower")
   text_layer = layer if text_layer is None else text_layer
   _check_layer("layer", layer, cfg.vision.layers)
   _check_layer("text_layer", text_layer, cfg.text.layers)
@@ -386,7 +415,8 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
   else:
     out_hw = tuple(int(s) for s in out_size)
   gh, gw = images.shape[1] // cfg.vision.patch_size, images.shape[2] // cfg.vision.patch_size
-  image_noise = _check_noise("image_noise", image_noise, P, steps, samples, 1 + gh * gw, cfg.vision.width)
+  n_cls = 0 if siglip.is_siglip(cfg) else 1
+  image_noise = _check_noise("image_noise", image_noise, P, steps, samples, n_cls + gh * gw, cfg.vision.width)
   text_noise = _check_noise("text_noise", text_noise, P, steps, samples, L, cfg.text.width)
   if sigma is not None and not sigma > 0:
     raise ValueError(f"sigma must be > 0 (or None for the official code); got {sigma}")
@@ -399,9 +429,14 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
     key = jax.random.PRNGKey(0) if key is None else key
     key_v, key_t = jax.random.split(key)
   text_beta = beta if text_beta is None else text_beta
+  # traced, so both fits share one compiled program: (1, 0) is the cosine exactly
+  fit_ab = (jnp.float32(1.0), jnp.float32(0.0))
+  if fit == "logit":  # the pair's logit: exp(t) cos + b (SigLIP), exp(t) cos (CLIP: no bias)
+    fit_ab = (jnp.exp(jnp.asarray(params["logit_scale"], jnp.float32)),
+              jnp.asarray(params.get("logit_bias", 0.0), jnp.float32))
   return _core(params, images, ids.astype(jnp.int32), lengths,
                jnp.asarray(img_idx, jnp.int32), jnp.asarray(txt_idx, jnp.int32),
                jnp.float32(beta), jnp.float32(text_beta), jnp.float32(lr),
-               jnp.float32(1.0 if sigma is None else sigma), key_v, key_t, image_noise, text_noise,
+               jnp.float32(1.0 if sigma is None else sigma), key_v, key_t, image_noise, text_noise, fit_ab,
                cfg=cfg, vlayer=int(layer), tlayer=int(text_layer), steps=int(steps),
                samples=int(samples), out_hw=out_hw, modality=modality, use_sigma=sigma is not None)

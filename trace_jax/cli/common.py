@@ -2,7 +2,7 @@
 
     m = load(args.checkpoint, tokenizer_for="--text" if args.text else None)
     ids = m.tokenize(["a photo of a cat"])                 # int32 [T, L], checked against the context
-    x = m.images(["cat.jpg"], size=None, resize="crop")    # float32 [B, S, S, 3], CLIP-normalised
+    x = m.images(["cat.jpg"], size=None, resize="crop")    # float32 [B, S, S, 3], normalised for the model
     px = load_npy("x.npy", "--pixels")                     # no pickles; ValueError naming the flag
 
 Everything here raises ValueError / FileNotFoundError with a message naming the file or flag; the
@@ -42,8 +42,14 @@ class Loaded:
     return ids
 
   def images(self, paths: Sequence[str], size: int | None = None, resize: str = "crop") -> np.ndarray:
-    """Image files -> float32 [B, S, S, 3] (S: ``size`` or the model's), normalised as CLIP."""
-    return load_images(paths, size or self.cfg.vision.image_size, resize)
+    """Image files -> float32 [B, S, S, 3] (S: ``size`` or the model's), normalised as the model
+    expects: CLIP's mean / std, or [-1, 1] for a SigLIP model (models/siglip.py IMAGE_MEAN / STD)."""
+    x = load_images(paths, size or self.cfg.vision.image_size, resize)
+    kind = getattr(self.cfg.vision, "kind", "vit")
+    if kind == "siglip":
+      from trace_jax.data.preprocess import MEAN, STD, normalize_unit
+      x = normalize_unit(x * STD + MEAN, kind)  # back to [0, 1] (to ~1e-7), then SigLIP's normalisation
+    return x
 
 
 # An image whose shorter side is below this fraction of the model input is upscaled enough to blur

@@ -1,8 +1,11 @@
-"""``trace-jax convert --from openai|openclip|hf|crate SRC DST [--model-name NAME] [--bpe PATH] [--overwrite]``.
+"""``trace-jax convert --from openai|openclip|hf|crate|bigvision SRC DST [--model-name NAME] [--bpe PATH]
+[--tokenizer SPM] [--overwrite]``.
 
 Writes a trace_jax model dir (``trace_jax.model_dir.save_model``): orbax params, config.json and,
-when available, tokenizer files (HF: vocab.json + merges.txt; OpenAI / open_clip: the BPE .gz from
-``--bpe`` or the one packaged with open_clip). The work is ``trace_jax.convert.convert``: DST is
+when available, tokenizer files (HF CLIP: vocab.json + merges.txt; OpenAI / open_clip CLIP: the BPE
+.gz from ``--bpe`` or the one packaged with open_clip; SigLIP: the SentencePiece model from
+``--tokenizer`` or the ``spiece.model`` / ``tokenizer.model`` of the source folder, stored as
+``tokenizer/spiece.model``). The work is ``trace_jax.convert.convert``: DST is
 written next to itself and renamed into place when complete, so a failed conversion leaves it as it
 was; an existing non-empty DST is refused unless ``--overwrite``. TorchScript archives are read
 without running their code unless ``--trust-torchscript``.
@@ -35,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "--from crate: crate-t|s|b|l; --from bigvision: the variant (B/16, So400m/14)")
   parser.add_argument("--bpe", default=None, help="CLIP BPE merges .txt.gz to ship with the model "
                       "(default for openai/openclip: open_clip's packaged bpe_simple_vocab_16e6.txt.gz)")
+  parser.add_argument("--tokenizer", default=None, metavar="SPM",
+                      help="SigLIP: the SentencePiece model (.model) to ship with the model (default: the "
+                           "spiece.model / tokenizer.model / sentencepiece.model in the source folder; big_vision: "
+                           "e.g. the c4_en / cc_en.32000 sentencepiece.model)")
   parser.add_argument("--heads", type=int, default=None, help="--from crate: attention heads (not stored in the weights)")
   parser.add_argument("--pool", default=None, help="--from crate: classifier pooling (default cls)")
   parser.add_argument("--eta", type=float, default=None,
@@ -47,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from trace_jax.convert import convert
   out = convert(args.source, args.src, args.dst, args.model_name, args.bpe, overwrite=args.overwrite,
-                trust_torchscript=args.trust_torchscript, heads=args.heads, pool=args.pool, eta=args.eta, lambd=args.lambd)
+                trust_torchscript=args.trust_torchscript, heads=args.heads, pool=args.pool, eta=args.eta,
+                lambd=args.lambd, tokenizer=args.tokenizer)
   if args.source == "crate":
     with open(os.path.join(out, "config.json")) as f:
       c = json.load(f)
@@ -55,5 +63,8 @@ def run(args: argparse.Namespace) -> int:
           f"patch {c['patch_size']}, image {c['image_size']}, {c['num_classes']} classes")
     return 0
   tok = os.path.join(out, "tokenizer")
-  print(f"wrote {out}" + ("" if os.path.isdir(tok) else " (no tokenizer files: pass --bpe to add one)"))
+  with open(os.path.join(out, "config.json")) as f:
+    siglip = json.load(f).get("vision", {}).get("kind") == "siglip"
+  hint = "--tokenizer (its SentencePiece .model)" if siglip else "--bpe"
+  print(f"wrote {out}" + ("" if os.path.isdir(tok) else f" (no tokenizer files: pass {hint} to add one)"))
   return 0

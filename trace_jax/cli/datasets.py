@@ -1,37 +1,64 @@
 """Dataset mode of ``trace-jax invert | explain | embed``: a whole dataset, streamed to shards.
 
-    trace-jax invert  --checkpoint M --dataset pairs.csv --shards-dir OUT [--memory-gb 24]
-    trace-jax explain --checkpoint M --dataset pairs.csv --shards-dir OUT [--max-prompts 64]
-    trace-jax explain --checkpoint M --dataset images/ --text "a cat" --text "a dog" --shards-dir OUT
-    trace-jax embed   --checkpoint M --dataset images/ --shards-dir OUT
+    trace-jax invert  --checkpoint M --coco-json instances.json --images DIR --out OUT [--memory-gb 24]
+    trace-jax invert  --checkpoint M --sam-dir SAM_JSONS --images DIR --out OUT
+    trace-jax invert  --checkpoint M --tfds voc2012:val [--tfds-data-dir D] --out OUT
+    trace-jax invert  --checkpoint M --dataset masks.csv --out OUT
+    trace-jax explain --checkpoint M --dataset pairs.csv --out OUT [--max-prompts 64]
+    trace-jax explain --checkpoint M --dataset images/ --text "a cat" --text "a dog" --out OUT
+    trace-jax embed   --checkpoint M --dataset images/ --out OUT
 
-``--dataset``: a CSV (``image,mask`` rows for invert, one row per mask, an image's masks gathered in
-order; ``image,text`` for explain; ``image`` for embed; a header row is optional; paths relative
-to the CSV) or, for explain / embed, a folder of images. Results go to ``OUT/{lets,maps,embeds}-
-NNNNN.npz`` shards, written as they are produced (atomically) with a per-process index
-(trace_jax/inference/dataset.py, docs/inference.md); a rerun of the same command skips the
-finished shards. An unreadable image or an empty / bad mask is skipped and listed in its shard's
-``failed_ids`` / ``failed_reasons`` and the index, never a crash of the run. ``--process-index`` /
-``--process-count`` (default: jax's, i.e. ``jax.distributed``) pick this process's shards.
-Every call runs on all local devices (``--devices``) with ``NamedSharding``.
+SPEC (one of): ``--dataset`` a CSV (``image,mask`` rows for invert, ``image,text`` for explain,
+``image`` for embed) or, for explain / embed, a folder of images; ``--coco-json F --images DIR``
+(instance masks as polygons or RLE; prompts: the category names); ``--sam-dir D --images DIR``
+(segment-anything amg.py RLE JSONs); ``--tfds NAME:SPLIT`` (a built tfds dataset). The readers are
+trace_jax/data/specs/ (docs/inference.md). ``--text`` gives every image these prompts instead of
+the spec's.
+
+Results go to ``OUT/{lets,maps,embeds}-NNNNN.npz`` shards, written as they are produced
+(atomically) with a per-process index (trace_jax/inference/dataset.py); a rerun of the same command
+skips the finished shards. An unreadable image or an empty / bad mask is skipped and listed in its
+shard's ``failed_ids`` / ``failed_reasons`` and the index, never a crash of the run; a method that
+cannot run on the model's image tower (e.g. MaskInversion or LeGrad on a CRATE tower) is refused
+before anything is read or written, with an error naming the tower. ``--process-index`` /
+``--process-count`` (default: jax's, i.e. ``jax.distributed``) pick this process's shards. Every
+call runs on all local devices (``--devices``) with ``NamedSharding``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 
 import numpy as np
 
 from trace_jax.cli import common
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+SPEC_FLAGS = ("dataset", "coco_json", "sam_dir", "tfds")
+# ``--memory-gb`` bounds what the MaskInversion calls add to the process's peak memory. The planner
+# (maskinversion.plan) sizes calls by its estimate ``image_bytes``; on XLA:CPU the measured peak RSS
+# of a call is ~1.7-2.5x that estimate per mask (tiny model at 128 px: ~10 MB per mask against 4.2 MB
+# estimated; ViT-B/16 at 224 px, benchmarks/RESULTS.md: ~25 MB against 14.7 MB), and compiling a
+# larger chunk program takes more memory too (~75 MB more for the tiny model). So on CPU the planner
+# gets --memory-gb / CPU_RUNTIME_OVERHEAD (tests/test_dataset_processes.py measures a run's RSS).
+CPU_RUNTIME_OVERHEAD = 4.0
+# kind -> (shard prefix, progress unit, results of a shard)
+KINDS = {"invert": ("lets", "masks", lambda a: a["lets"].shape[0]),
+         "explain": ("maps", "maps", lambda a: a["texts"].shape[0]),
+         "embed": ("embeds", "images", lambda a: a["image_embeds"].shape[0])}
 
 
-def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
-  """The dataset-mode flags (``--dataset`` itself goes into the command's input group)."""
-  g = p.add_argument_group("dataset mode (--dataset)")
-  g.add_argument("--shards-dir", help="dataset mode: folder for the result shards and the index")
+def add_arguments(p: argparse.ArgumentParser, kind: str, src) -> None:
+  """The dataset-mode flags; the SPEC flags go into ``src``, the command's exclusive input group."""
+  what = {"invert": "CSV of image,mask rows", "explain": "CSV of image,text rows or a folder of images",
+          "embed": "CSV of image paths or a folder of images"}[kind]
+  src.add_argument("--dataset", help=f"dataset mode: a {what} (trace_jax/cli/datasets.py)")
+  src.add_argument("--coco-json", help="dataset mode: COCO-format instances JSON (with --images DIR)")
+  src.add_argument("--sam-dir", help="dataset mode: folder of segment-anything amg.py RLE JSONs (with --images DIR)")
+  src.add_argument("--tfds", metavar="NAME:SPLIT", help="dataset mode: a built tfds dataset, e.g. voc2012:val")
+  g = p.add_argument_group("dataset mode (--dataset, --coco-json, --sam-dir, --tfds)")
+  if kind != "embed":  # embed has its own --images (files; here one folder)
+    g.add_argument("--images", help="the image folder of --coco-json / --sam-dir")
+  g.add_argument("--tfds-data-dir", default=None, help="tfds data_dir of --tfds (default tfds')")
   g.add_argument("--shard-size", type=int, default={"invert": 1, "explain": 4, "embed": 64}[kind],
                  help="images per shard file (the unit of resumption)")
   g.add_argument("--devices", default="all", help="'all' local devices (default) or a count")
@@ -46,110 +73,131 @@ def add_arguments(p: argparse.ArgumentParser, kind: str) -> None:
     g.add_argument("--max-prompts", type=int, default=64, help="prompts of one image per call")
 
 
+def is_dataset(args) -> bool:
+  return any(getattr(args, f, None) for f in SPEC_FLAGS)
+
+
 def devices_of(args):
   d = args.devices
   if d == "all":
     return "all"
   try:
-    n = int(d)
+    return int(d)
   except ValueError:
     raise ValueError(f"--devices must be 'all' or a count; got {d!r}") from None
-  return n
 
 
-def read_csv(path: str, columns: int, second_is_path: bool = False) -> list[tuple[str, ...]]:
-  """Rows of 1 (image) or 2 (image, mask|text) columns; image (and mask: ``second_is_path``) paths
-  made absolute from the CSV's folder; an optional header row (first cell 'image') is skipped; ValueError naming file:line."""
-  base = os.path.dirname(os.path.abspath(path))
-  rows = []
+def _images_dir(args) -> str:
+  d = args.images
+  if isinstance(d, list):  # embed's --images takes files; here it names one folder
+    d = d[0] if len(d) == 1 else None
+  if not d:
+    flag = "--coco-json" if args.coco_json else "--sam-dir"
+    raise ValueError(f"{flag} needs --images DIR (one folder holding the images)")
+  return d
+
+
+def items_of(args, kind: str) -> list:
+  """The SPEC's items (trace_jax/data/specs/), the same list on every process."""
+  from trace_jax.data import specs
+  texts = tuple(getattr(args, "text", None) or ())
+  if args.dataset:
+    if os.path.isdir(args.dataset):
+      if kind == "invert":
+        raise ValueError("--dataset FOLDER has no masks: invert takes a CSV of image,mask rows, "
+                         "--coco-json, --sam-dir or --tfds")
+      if kind == "explain" and not texts:
+        raise ValueError("--dataset FOLDER needs at least one --text")
+      return specs.from_folder(args.dataset, texts)
+    return specs.from_csv(args.dataset, {"invert": "mask", "explain": "text", "embed": None}[kind])
+  if args.coco_json:
+    return specs.from_coco(args.coco_json, _images_dir(args))
+  if args.sam_dir:
+    if kind == "explain" and not texts:
+      raise ValueError("--sam-dir holds masks, no prompts: give at least one --text")
+    return specs.from_sam(args.sam_dir, _images_dir(args))
+  return specs.from_tfds(args.tfds, args.tfds_data_dir)
+
+
+def _out_dir(args) -> str:
+  if not args.out:
+    raise ValueError("dataset mode needs --out DIR (the folder for the shards and the index)")
+  return args.out
+
+
+def _load_image(m, item, size, resize):
+  """One image [S, S, 3] of ``item``, or the reason it cannot be read."""
   try:
-    f = open(path, newline="", encoding="utf-8")
-  except OSError as e:
-    raise ValueError(f"cannot read --dataset {path}: {e}") from e
-  with f:
-    for i, row in enumerate(csv.reader(f)):
-      if not row or all(not c.strip() for c in row):
-        continue
-      if i == 0 and row[0].strip().lower() == "image":
-        continue
-      if len(row) < columns:
-        raise ValueError(f"{path}:{i + 1}: expected {columns} column(s), got {row!r}")
-      img = row[0].strip()
-      img = img if os.path.isabs(img) else os.path.join(base, img)
-      if columns == 1:
-        rows.append((img,))
-      else:
-        rest = ",".join(row[1:]).strip()
-        if second_is_path and not os.path.isabs(rest):
-          rest = os.path.join(base, rest)
-        rows.append((img, rest))
-  if not rows:
-    raise ValueError(f"{path}: no rows")
-  return rows
-
-
-def list_images(folder: str) -> list[str]:
-  files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-  if not files:
-    raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTS)})")
-  return [os.path.join(folder, f) for f in files]
-
-
-def grouped(rows) -> list[tuple[str, list[str]]]:
-  """(image, x) rows -> [(image, [x, ...])] in first-appearance order."""
-  out: dict[str, list[str]] = {}
-  for img, x in rows:
-    out.setdefault(img, []).append(x)
-  return list(out.items())
-
-
-def _rel(path: str, root: str) -> str:
-  return os.path.relpath(path, root)
-
-
-def _summary(kind: str, s: dict, out_dir: str) -> None:
-  print(f"{kind}: {s['written']} shard(s) written, {s['done_before']} already done, "
-        f"{s['items']} images ({s['units']} results) in {s['seconds']:.1f} s, {s['failed_total']} "
-        f"skipped (listed in {s['index']}); shards in {out_dir}")
-
-
-def _load_image(m, path, size, resize):
-  """One image [S, S, 3] or the reason it cannot be read."""
-  try:
-    return m.images([path], size, resize)[0], None
-  except (ValueError, OSError) as e:
+    f = item.image_file()
+    if isinstance(f, str):
+      return m.images([f], size, resize)[0], None
+    from trace_jax.data.preprocess import load_images
+    return load_images([f], size or m.cfg.vision.image_size, resize)[0], None
+  except (ValueError, OSError, KeyError) as e:
     return None, str(e).splitlines()[0]
 
 
-def run_invert(args, load_masks) -> int:
-  """``load_masks``: trace_jax/cli/invert.py's (passed in: that module imports this one)."""
+def _run_dataset(args, kind: str, items, compute) -> int:
+  """``compute`` over this process's shards of ``items`` into ``--out``; prints the summary."""
   from trace_jax.inference.dataset import run_shards
+  prefix, unit, count = KINDS[kind]
+  out = _out_dir(args)
+  s = run_shards(items, compute, out, shard_size=args.shard_size, prefix=prefix,
+                 item_id=lambda it: it.id, process_index=args.process_index,
+                 process_count=args.process_count, progress=not args.no_progress, count=count, unit=unit)
+  print(f"{kind}: {s['written']} shard(s) written, {s['done_before']} already done, "
+        f"{s['items']} images ({s['units']} {unit}) in {s['seconds']:.1f} s, {s['failed_total']} "
+        f"skipped (listed in {s['index']}); shards in {out}")
+  return 0
+
+
+def runtime_overhead() -> float:
+  """Peak memory of a MaskInversion call per byte of the planner's estimate, on this backend."""
+  import jax
+  return CPU_RUNTIME_OVERHEAD if jax.default_backend() == "cpu" else 1.0
+
+
+def run_invert(args, check_mask, settings_of=lambda m, args: {}) -> int:
+  """``check_mask(array, name) -> [K, H, W]`` and ``settings_of(m, args) -> dict`` (invert's extra
+  keywords, e.g. SigLIP's empty-prompt correction): trace_jax/cli/invert.py's (passed in: that module
+  imports this one). Masks of one size form one ``invert`` call (chunked to ``--memory-gb``)."""
   from trace_jax.inversion.maskinversion import invert
-  if not args.shards_dir:
-    raise ValueError("--dataset needs --shards-dir DIR")
-  items = grouped(read_csv(args.dataset, 2, second_is_path=True))
-  root = os.path.dirname(os.path.abspath(args.dataset))
+  from trace_jax.models import siglip
+  from trace_jax.models.blocks import require_vit
+  _out_dir(args)
   m = common.load(args.checkpoint)
-  budget = None if args.memory_gb is None else args.memory_gb * 2 ** 30
+  if not siglip.is_siglip(m.cfg):  # invert's own tower check, before any shard (names the tower)
+    require_vit(m.cfg, "MaskInversion", "SigLIP towers work too")
+  kw = settings_of(m, args)
+  items = items_of(args, "invert")
+  if args.memory_gb is not None and not args.memory_gb > 0:
+    raise ValueError(f"--memory-gb must be positive; got {args.memory_gb}")
+  budget = None if args.memory_gb is None else args.memory_gb * 2 ** 30 / runtime_overhead()
   devices = devices_of(args)
 
   def compute(part):
     lets, mask_ids, mask_image, dice0, dice1, maps, failed = [], [], [], [], [], [], []
-    for j, (img_path, mask_paths) in enumerate(part):
-      iid = _rel(img_path, root)
-      image, err = _load_image(m, img_path, args.image_size, args.resize)
+    for j, item in enumerate(part):
+      image, err = _load_image(m, item, args.image_size, args.resize)
       if err:
-        failed.append((iid, err))
+        failed.append((item.id, err))
+        continue
+      try:
+        refs = item.mask_refs()
+      except (ValueError, OSError) as e:
+        failed.append((item.id, f"cannot read its masks: {str(e).splitlines()[0]}"))
         continue
       arrays, names = [], []
-      for mp in mask_paths:
+      for r in refs:
         try:
-          a, _ = load_masks([mp])
-        except ValueError as e:
-          failed.append((f"{iid}::{_rel(mp, root)}", str(e)))
+          a = check_mask(r.load(), r.id)
+        except (ValueError, OSError) as e:
+          failed.append((f"{item.id}::{r.id}", str(e).splitlines()[0]))
           continue
-        arrays.append(a[0])
-        names += [_rel(mp, root)] if a[0].shape[0] == 1 else [f"{_rel(mp, root)}#{k}" for k in range(a[0].shape[0])]
+        arrays.append(a)
+        names += [r.id] if a.shape[0] == 1 else [f"{r.id}#{k}" for k in range(a.shape[0])]
+      if not refs:
+        failed.append((item.id, "no masks"))
       if not arrays:
         continue
       by_size: dict = {}
@@ -161,7 +209,7 @@ def run_invert(args, load_masks) -> int:
       for group in by_size.values():
         out = invert(m.model, m.params, image, np.concatenate([a for _, a in group]), mode=args.mode,
                      layers=args.layer_index, steps=args.steps, lr=args.lr, alpha=args.alpha,
-                     wd=args.wd, budget=budget, devices=devices)
+                     wd=args.wd, budget=budget, devices=devices, **kw)
         at = [s + k for s, a in group for k in range(a.shape[0])]
         rows[at] = np.asarray(out["lets"])
         d0[at], d1[at] = np.asarray(out["dice0"]), np.asarray(out["dice_final"])
@@ -183,45 +231,53 @@ def run_invert(args, load_masks) -> int:
       arrays.update({f"map_{k}": mp.astype(np.float32) for k, mp in enumerate(maps)})
     return arrays, failed
 
-  s = run_shards(items, compute, args.shards_dir, shard_size=args.shard_size, prefix="lets",
-                 item_id=lambda it: _rel(it[0], root), process_index=args.process_index,
-                 process_count=args.process_count, progress=not args.no_progress,
-                 count=lambda a: a["lets"].shape[0], unit="masks")
-  _summary("invert", s, args.shards_dir)
-  return 0
+  return _run_dataset(args, "invert", items, compute)
+
+
+def check_explain(runner) -> None:
+  """Refuse a method the model's towers cannot run (e.g. LeGrad on a CRATE tower) before any shard:
+  the method's own check, reached by tracing it once on shapes only (``jax.eval_shape``)."""
+  import jax
+  from trace_jax.attribution.api import explain
+  s = runner.size
+  img = jax.ShapeDtypeStruct((1, s, s, 3), np.float32)
+  ids = jax.ShapeDtypeStruct((1, runner.cfg.text.context_length), np.int32)
+  jax.eval_shape(lambda p, x, t: explain(runner.method, runner.model, p, x, t, **runner.settings),
+                 runner.params, img, ids)
 
 
 def run_explain(args, runner) -> int:
-  from trace_jax.inference.dataset import run_shards
   from trace_jax.inference.explain import explain_prompts
-  if not args.shards_dir:
-    raise ValueError("--dataset needs --shards-dir DIR")
   if args.token_ids:
-    raise ValueError("--dataset takes prompts from the CSV / --text, not --token-ids")
-  if os.path.isdir(args.dataset):
-    if not args.text:
-      raise ValueError("--dataset FOLDER needs at least one --text")
-    root = args.dataset
-    items = [(p, list(args.text)) for p in list_images(args.dataset)]
-  else:
-    root = os.path.dirname(os.path.abspath(args.dataset))
-    items = grouped(read_csv(args.dataset, 2))
+    raise ValueError("dataset mode takes prompts from the spec / --text, not --token-ids")
+  _out_dir(args)
+  check_explain(runner)
+  items = items_of(args, "explain")
+  texts = tuple(args.text or ())
   devices = devices_of(args)
 
   def compute(part):
-    res, failed, texts, pair_image = [], [], [], []
-    for j, (img_path, prompts) in enumerate(part):
-      image, err = _load_image(runner.m, img_path, runner.size, runner.resize)
+    res, failed, all_texts, pair_image = [], [], [], []
+    for j, item in enumerate(part):
+      image, err = _load_image(runner.m, item, runner.size, runner.resize)
       if err:
-        failed.append((_rel(img_path, root), err))
+        failed.append((item.id, err))
+        continue
+      try:
+        prompts = list(texts or item.prompts())
+      except (ValueError, OSError) as e:
+        failed.append((item.id, f"cannot read its prompts: {str(e).splitlines()[0]}"))
+        continue
+      if not prompts:
+        failed.append((item.id, "no prompts"))
         continue
       ids = runner.tokenize(prompts)
       out = explain_prompts(runner.method, runner.model, runner.params, image, ids,
                             max_prompts=args.max_prompts, devices=devices, **runner.settings)
       res.append(out)
-      texts += prompts
+      all_texts += prompts
       pair_image += [j] * len(prompts)
-    arrays = {"texts": np.asarray(texts, dtype=str), "pair_image": np.asarray(pair_image, np.int32)}
+    arrays = {"texts": np.asarray(all_texts, dtype=str), "pair_image": np.asarray(pair_image, np.int32)}
     if res:
       for k in sorted(set.intersection(*(set(r) for r in res))):
         vals = [r[k] for r in res]
@@ -230,33 +286,22 @@ def run_explain(args, runner) -> int:
           arrays[k] = np.concatenate(vals)
     return arrays, failed
 
-  s = run_shards(items, compute, args.shards_dir, shard_size=args.shard_size, prefix="maps",
-                 item_id=lambda it: _rel(it[0], root), process_index=args.process_index,
-                 process_count=args.process_count, progress=not args.no_progress,
-                 count=lambda a: a["texts"].shape[0], unit="maps")
-  _summary("explain", s, args.shards_dir)
-  return 0
+  return _run_dataset(args, "explain", items, compute)
 
 
 def run_embed(args) -> int:
-  from trace_jax.inference.dataset import run_shards
   from trace_jax.inference.embed import embed
-  if not args.shards_dir:
-    raise ValueError("--dataset needs --shards-dir DIR")
-  if os.path.isdir(args.dataset):
-    root, paths = args.dataset, list_images(args.dataset)
-  else:
-    root = os.path.dirname(os.path.abspath(args.dataset))
-    paths = [r[0] for r in read_csv(args.dataset, 1)]
+  _out_dir(args)
   m = common.load(args.checkpoint)
+  items = items_of(args, "embed")
   devices = devices_of(args)
 
   def compute(part):
     ok, pix, failed = [], [], []
-    for j, p in enumerate(part):
-      x, err = _load_image(m, p, args.image_size, args.resize)
+    for j, item in enumerate(part):
+      x, err = _load_image(m, item, args.image_size, args.resize)
       if err:
-        failed.append((_rel(p, root), err))
+        failed.append((item.id, err))
         continue
       ok.append(j)
       pix.append(x)
@@ -268,8 +313,4 @@ def run_embed(args) -> int:
       emb = embed(m.cfg, m.params, x, None, args.batch_size, devices=devices)["image_embeds"][:len(pix)]
     return {"image_embeds": emb, "image_index": np.asarray(ok, np.int32)}, failed
 
-  s = run_shards(paths, compute, args.shards_dir, shard_size=args.shard_size, prefix="embeds",
-                 item_id=lambda p: _rel(p, root), process_index=args.process_index,
-                 process_count=args.process_count, progress=not args.no_progress)
-  _summary("embed", s, args.shards_dir)
-  return 0
+  return _run_dataset(args, "embed", items, compute)

@@ -25,21 +25,20 @@ from trace_jax.cli import common
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--checkpoint", required=True, help="trace_jax model dir (from `trace-jax convert`)")
+  parser.add_argument("--images", nargs="+", default=None, help="image files (preprocessed as CLIP); "
+                      "with --coco-json / --sam-dir: their image folder")
   img = parser.add_mutually_exclusive_group()
-  img.add_argument("--images", nargs="+", default=None, help="image files (preprocessed as CLIP)")
   img.add_argument("--pixels", default=None, help="float32 NHWC .npy batch, already preprocessed")
-  img.add_argument("--dataset", default=None, help="dataset mode: a folder of images or a CSV of "
-                   "image paths, streamed to --shards-dir (trace_jax/cli/datasets.py)")
   txt = parser.add_mutually_exclusive_group()
   txt.add_argument("--texts", nargs="+", default=None, help="texts (tokenized with the model dir's tokenizer)")
   txt.add_argument("--token-ids", default=None, help="int [batch, length] .npy token ids")
-  parser.add_argument("--out", help="output .npz (not in --dataset mode)")
+  parser.add_argument("--out", help="output .npz (dataset mode: the folder for the shards and the index)")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--resize", choices=("crop", "squash"), default="crop",
                       help="--images: shortest-side resize + centre crop (CLIP) or squash (LePreprocess)")
   parser.add_argument("--image-size", type=int, default=None, help="--images: size (default: the model's)")
   from trace_jax.cli import datasets
-  datasets.add_arguments(parser, "embed")
+  datasets.add_arguments(parser, "embed", img)
 
 
 def _inputs(args, m):
@@ -59,9 +58,15 @@ def _inputs(args, m):
 
 def run(args: argparse.Namespace) -> int:
   from trace_jax.inference.embed import embed
-  if args.dataset:
-    from trace_jax.cli import datasets
+  from trace_jax.cli import datasets
+  if datasets.is_dataset(args):
+    if args.images and not (args.coco_json or args.sam_dir):
+      raise ValueError("--images (files) cannot be combined with --dataset / --tfds")
+    if args.texts or args.token_ids:
+      raise ValueError("dataset mode embeds images only: drop --texts / --token-ids")
     return datasets.run_embed(args)
+  if args.images and args.pixels:
+    raise ValueError("give --images or --pixels, not both")
   if not args.out:
     raise ValueError("give --out OUT.npz")
   m = common.load(args.checkpoint, tokenizer_for="--texts" if args.texts else None)

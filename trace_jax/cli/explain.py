@@ -10,6 +10,9 @@ Batch: ``--csv FILE`` (rows ``image,text``; a header row ``image,text`` is optio
 ``--folder DIR`` with ``--text`` (every image x every text) writes one overlay per pair into
 ``--out-dir`` plus ``contact_sheet.png`` and ``maps.npz``.
 
+Dataset: ``--dataset CSV|FOLDER``, ``--coco-json F --images DIR``, ``--sam-dir D --images DIR`` or
+``--tfds NAME:SPLIT`` with ``--out DIR``: sharded, resumable, every device (trace_jax/cli/datasets.py).
+
 The npz holds ``grid`` [P, gh, gw], ``map`` [P, H, W] (both in [0, 1]), ``score`` [P], the raw grid
 when the method has one, ``text`` [P, L] token attributions when the method has them (M2IB; rollout /
 Chefer with ``--set text=true``), ``texts``, ``images`` and ``method``.
@@ -19,16 +22,12 @@ Method settings: ``--set KEY=VALUE`` (VALUE parsed as JSON when it parses: ``--s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 
 import numpy as np
 
 from trace_jax.cli import common
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from trace_jax.attribution.api import METHODS
@@ -39,14 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   src.add_argument("--pixels", help=".npy of normalised pixels [H, W, 3] or [B, H, W, 3] (used as given)")
   src.add_argument("--csv", help="batch mode: CSV with image,text rows (image paths relative to the CSV)")
   src.add_argument("--folder", help="batch mode: a folder of images, each paired with every --text")
-  src.add_argument("--dataset", help="dataset mode: CSV of image,text rows or a folder of images "
-                   "(with --text), streamed to --shards-dir (trace_jax/cli/datasets.py)")
   parser.add_argument("--text", action="append", default=None, help="prompt (repeat for several)")
   parser.add_argument("--token-ids", help=".npy of int token ids [L] or [T, L] instead of --text")
   parser.add_argument("--method", default="legrad", choices=METHODS)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="method setting (repeatable), e.g. layer=-2, relu_grad=false, num_masks=1024")
-  parser.add_argument("--out", help="PNG overlay (single mode; in batch mode: the contact sheet path)")
+  parser.add_argument("--out", help="PNG overlay (single mode; in batch mode: the contact sheet path; "
+                      "in dataset mode: the folder for the result shards and the index)")
   parser.add_argument("--out-npz", help="npz with the raw maps and scores")
   parser.add_argument("--out-dir", help="batch mode: folder for the per-pair overlays (default: beside --out)")
   parser.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
@@ -55,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in the overlay")
   parser.add_argument("--batch-size", type=int, default=8, help="batch mode: pairs per forward")
   from trace_jax.cli import datasets
-  datasets.add_arguments(parser, "explain")
+  datasets.add_arguments(parser, "explain", src)
 
 
 def parse_settings(items) -> dict:
@@ -73,10 +71,20 @@ def parse_settings(items) -> dict:
   return out
 
 
+def _text_span(tok, ids_row) -> tuple[int, int]:
+  """Row positions [start, stop) of the text's own tokens: between the start token and the end token
+  (the largest id) for CLIP BPE / word ids; from 0 to the first end token for SigLIP's SentencePiece
+  rows (no start token; the end id also pads them)."""
+  if getattr(tok, "num_special_tokens", 2) == 1:
+    hits = np.flatnonzero(np.asarray(ids_row) == tok.eot_id)
+    return 0, int(hits[0]) if hits.size else len(ids_row)
+  return 1, int(np.argmax(ids_row))
+
+
 def _token_strings(tok, text, ids_row) -> list[str]:
-  """Strings of the tokens at row positions 1..eot-1 (between start and end tokens)."""
-  eot = int(np.argmax(ids_row))
-  n = max(eot - 1, 0)
+  """Strings of the tokens at the row positions of ``_text_span`` (between start and end tokens)."""
+  start, stop = _text_span(tok, ids_row)
+  n = max(stop - start, 0)
   if tok is not None and text is not None:
     if hasattr(tok, "tokens_of"):
       s = [t.strip() or "·" for t in tok.tokens_of(text)]
@@ -86,12 +94,12 @@ def _token_strings(tok, text, ids_row) -> list[str]:
       s = []
     if len(s) >= n:
       return s[:n]
-  return [str(int(i)) for i in ids_row[1:1 + n]]
+  return [str(int(i)) for i in ids_row[start:start + n]]
 
 
-def _text_scores(text_attr, ids_row) -> np.ndarray:
-  eot = int(np.argmax(ids_row))
-  v = np.asarray(text_attr, np.float64)[1:eot]
+def _text_scores(text_attr, ids_row, tok=None) -> np.ndarray:
+  start, stop = _text_span(tok, ids_row)
+  v = np.asarray(text_attr, np.float64)[start:stop]
   if v.size == 0:
     return v
   lo, hi = v.min(), v.max()
@@ -102,13 +110,19 @@ class Runner:
   """The model dir (``common.load``) plus the method and its settings: ``run(images, ids) -> numpy dict``."""
 
   def __init__(self, args):
-    wants_text = args.text or args.csv or getattr(args, "dataset", None)
+    from trace_jax.cli.datasets import is_dataset
+    wants_text = args.text or args.csv or is_dataset(args)
     self.m = common.load(args.checkpoint, tokenizer_for="--text" if wants_text else None)
     self.cfg, self.params, self.model, self.tok = self.m.cfg, self.m.params, self.m.model, self.m.tokenizer
     self.method = args.method
     self.settings = parse_settings(args.set)
     if self.method == "m2ib":  # M2IB's official map is 224 px; here: the input image size
       self.settings.setdefault("out_size", None)
+    if (self.method == "legrad" and self.cfg.vision.kind == "siglip" and self.tok is not None
+        and not {"empty_ids", "empty_query", "correction"} & set(self.settings)):
+      # the authors' SigLIP LeGrad corrects with the map of 'a photo of a' (attribution/legrad_siglip.py)
+      from trace_jax.attribution.legrad_siglip import EMPTY_PROMPT
+      self.settings["empty_ids"] = np.asarray(self.tok([EMPTY_PROMPT], self.cfg.text.context_length)[0])
     self.size = args.image_size or self.cfg.vision.image_size
     self.resize = args.resize
 
@@ -155,7 +169,8 @@ def _overlays(runner, images, ids, texts, out, alpha, originals=None):
       row = ids[0] if ids.shape[0] == 1 else ids[p]
       toks = _token_strings(runner.tok, texts[p] if texts else None, row)
       if toks:
-        strip = ov.text_tokens_image(toks, _text_scores(out["text"][p], row), width=max(img.shape[1], 240))
+        strip = ov.text_tokens_image(toks, _text_scores(out["text"][p], row, runner.tok),
+                                     width=max(img.shape[1], 240))
         pic = ov.stack_vertical([pic, strip])
     pics.append(pic)
   return pics
@@ -203,39 +218,19 @@ def _single(args, runner) -> int:
   return 0
 
 
-def _read_csv(path):
-  base = os.path.dirname(os.path.abspath(path))
-  rows = []
-  with open(path, newline="", encoding="utf-8") as f:
-    for i, row in enumerate(csv.reader(f)):
-      if not row or all(not c.strip() for c in row):
-        continue
-      if len(row) < 2:
-        raise ValueError(f"{path}:{i + 1}: expected 'image,text', got {row!r}")
-      img, text = row[0].strip(), ",".join(row[1:]).strip()
-      if i == 0 and img.lower() == "image" and text.lower() == "text":
-        continue
-      rows.append((img if os.path.isabs(img) else os.path.join(base, img), text))
-  if not rows:
-    raise ValueError(f"{path}: no image,text rows")
-  return rows
-
-
 def _batch(args, runner) -> int:
   from trace_jax.utils import overlay as ov
   if args.token_ids:
     raise ValueError("batch mode takes prompts from the CSV / --text, not --token-ids")
+  from trace_jax.data.specs import list_images, read_csv
   if args.csv:
-    pairs = _read_csv(args.csv)
+    pairs = read_csv(args.csv, 2)
     chunks = [pairs[i:i + args.batch_size] for i in range(0, len(pairs), args.batch_size)]
   else:
     if not args.text:
       raise ValueError("--folder needs at least one --text")
-    files = sorted(f for f in os.listdir(args.folder) if f.lower().endswith(IMAGE_EXTS))
-    if not files:
-      raise ValueError(f"{args.folder}: no image files ({', '.join(IMAGE_EXTS)})")
     # one image with all its prompts per call: one image forward for many prompts
-    chunks = [[(os.path.join(args.folder, f), t) for t in args.text] for f in files]
+    chunks = [[(f, t) for t in args.text] for f in list_images(args.folder)]
   out_dir = args.out_dir or (os.path.splitext(args.out)[0] + "_pairs" if args.out else None)
   if out_dir is None:
     raise ValueError("batch mode needs --out-dir (or --out for the contact sheet)")
@@ -280,10 +275,8 @@ def run(args) -> int:
     raise ValueError("give --text or --token-ids, not both")
   if (args.image or args.pixels) and not (args.out or args.out_npz):
     raise ValueError("give --out PNG and/or --out-npz FILE")
-  if args.dataset:
-    from trace_jax.cli import datasets
-    args.text = args.text or []
-    runner = Runner(args)
-    return datasets.run_explain(args, runner)
+  from trace_jax.cli import datasets
+  if datasets.is_dataset(args):
+    return datasets.run_explain(args, Runner(args))
   runner = Runner(args)
   return _batch(args, runner) if (args.csv or args.folder) else _single(args, runner)

@@ -22,12 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--image", help="image file (squashed to --image-size, as LePreprocess)")
   src.add_argument("--pixels", help=".npy float32 [H, W, 3] or [1, H, W, 3], already normalised")
-  src.add_argument("--dataset", help="dataset mode: CSV of image,mask rows (trace_jax/cli/datasets.py)")
   p.add_argument("--masks", nargs="+", help="mask files (.png/.jpg or .npy)")
   p.add_argument("--classes", help="text file, one class name per line: print the top classes per mask")
   p.add_argument("--templates", help="text file of prompt templates with one {} (default: CLIP's 7)")
   p.add_argument("--top", type=int, default=5, help="classes printed per mask")
   p.add_argument("--out-npz", help="write lets [K, E], maps, losses and mask names here")
+  p.add_argument("--out", help="dataset mode: folder for the result shards and the index")
   p.add_argument("--no-map-png", action="store_true", help="do not write the map PNGs")
   p.add_argument("--image-size", type=int, default=None, help="input size (default: the model's; "
                  "the paper uses 448 on 224 models)")
@@ -38,55 +38,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--alpha", type=float, default=0.0, help="weight of 1 - cos(LET, z0)")
   p.add_argument("--wd", type=float, default=0.0)
   p.add_argument("--layer-index", type=int, default=-1)
+  p.add_argument("--no-correction", action="store_true",
+                 help="SigLIP models: skip the authors' empty-prompt correction of LeGrad-SigLIP (by default "
+                      "'a photo of a' is tokenized with the model dir's tokenizer)")
   from trace_jax.cli import datasets
-  datasets.add_arguments(p, "invert")
+  datasets.add_arguments(p, "invert", src)
+
+
+def check_mask_array(m: np.ndarray, name: str) -> np.ndarray:
+  """One mask file's array [H, W] / [K, H, W] -> [K, H, W] float32, or ValueError naming ``name``:
+  an all-zero mask has no region to invert; values must be finite and in [0, 1] (``check_masks``)."""
+  from trace_jax.inversion.maskinversion import check_masks
+  m = m[None] if m.ndim == 2 else m
+  empty = np.flatnonzero(m.reshape(m.shape[0], -1).sum(-1, dtype=np.float64) <= 0)  # no float64 copy
+  if empty.size:
+    which = "" if m.shape[0] == 1 else f" (masks {empty.tolist()} of {m.shape[0]})"
+    raise ValueError(f"mask {name}{which} is empty (all zero): there is no region to invert")
+  try:
+    return check_masks(m)  # the library's own checks (finite, in [0, 1]), named by file here
+  except ValueError as e:
+    raise ValueError(f"mask {name}: {e}") from None
 
 
 def load_masks(paths) -> tuple[list[np.ndarray], list[str]]:
   """-> per file [K, H, W] float32 and the PNG base names (one per mask); ValueError naming the file."""
-  from PIL import Image
-  from trace_jax.inversion.maskinversion import check_masks
+  from trace_jax.data.specs import read_mask_file
   if not paths:
     raise ValueError("no mask files given (--masks M1.png [M2.npy ...])")
   arrays, names = [], []
   for path in paths:
     stem = os.path.splitext(path)[0]
-    if path.endswith(".npy"):
-      m = common.load_npy(path, "mask")
-    else:
-      try:
-        with Image.open(path) as im:
-          m = np.asarray(im.convert("L"), np.float32) / 255.0
-      except OSError as e:
-        raise ValueError(f"cannot read mask {path}: {e}") from e
-    if m.ndim not in (2, 3):
-      raise ValueError(f"mask {path} must be [H, W] or [K, H, W]; got shape {m.shape}")
-    if m.size == 0:
-      raise ValueError(f"mask {path} holds no mask (shape {m.shape})")
+    m = read_mask_file(path)
     # one name per mask: <mask>_map.png for an [H, W] mask, <mask>_map{k}.png for the K of [K, H, W]
     names += [f"{stem}_map.png"] if m.ndim == 2 else [f"{stem}_map{k}.png" for k in range(m.shape[0])]
-    m = m[None] if m.ndim == 2 else m
-    empty = np.flatnonzero(np.asarray(m, np.float64).reshape(m.shape[0], -1).sum(-1) <= 0)
-    if empty.size:
-      which = "" if m.shape[0] == 1 else f" (masks {empty.tolist()} of {m.shape[0]})"
-      raise ValueError(f"mask {path}{which} is empty (all zero): there is no region to invert")
-    try:
-      m = check_masks(m)  # the library's own checks (finite, in [0, 1]), named by file here
-    except ValueError as e:
-      raise ValueError(f"mask {path}: {e}") from None
-    arrays.append(m)
+    arrays.append(check_mask_array(m, path))
   return arrays, names
+
+
+def _siglip_settings(m, args) -> dict:
+  """SigLIP: the empty-prompt correction's token ids (the model dir's tokenizer), or correction off."""
+  if getattr(m.cfg.vision, "kind", "vit") != "siglip":
+    return {}
+  if args.no_correction:
+    return {"correction": False}
+  from trace_jax import model_dir
+  from trace_jax.attribution.legrad_siglip import EMPTY_PROMPT
+  from trace_jax.tokenizers import load_tokenizer
+  tok = m.tokenizer
+  if tok is None:
+    if model_dir.tokenizer_dir(m.path) is None:
+      raise ValueError(f"MaskInversion on SigLIP applies the authors' empty-prompt correction: it needs the "
+                       f"model dir's tokenizer ({m.path}/tokenizer/ is missing; convert with --tokenizer) "
+                       f"to encode {EMPTY_PROMPT!r}, or pass --no-correction")
+    tok = load_tokenizer(m.path)
+  return {"empty_ids": np.asarray(tok([EMPTY_PROMPT], m.cfg.text.context_length)[0])}
 
 
 def run(args) -> int:
   import jax.numpy as jnp
   from trace_jax.inversion.maskinversion import invert
   from trace_jax.models import l2_normalize
-  if args.dataset:
-    from trace_jax.cli import datasets
-    return datasets.run_invert(args, load_masks)
+  from trace_jax.cli import datasets
+  if datasets.is_dataset(args):
+    return datasets.run_invert(args, check_mask_array, _siglip_settings)
   if not args.masks:
-    raise ValueError("the following arguments are required: --masks (or --dataset CSV)")
+    raise ValueError("the following arguments are required: --masks (or a dataset: --dataset CSV, "
+                     "--coco-json, --sam-dir, --tfds)")
 
   arrays, names = load_masks(args.masks)  # before the model: bad masks fail fast
   classes = common.read_lines(args.classes) if args.classes else None
@@ -104,9 +121,10 @@ def run(args) -> int:
   for a in arrays:
     by_size.setdefault(a.shape[1:], []).append(a)
   lets, maps, losses = [], [], []
+  kw = _siglip_settings(m, args)
   for group in by_size.values():
     out = invert(model, params, image, np.concatenate(group), mode=args.mode, layers=args.layer_index,
-                 steps=args.steps, lr=args.lr, alpha=args.alpha, wd=args.wd)
+                 steps=args.steps, lr=args.lr, alpha=args.alpha, wd=args.wd, **kw)
     lets.append(np.asarray(out["lets"]))
     maps += list(np.asarray(out["map"]))
     losses.append(np.asarray(out["losses"]))

@@ -23,8 +23,13 @@ SOURCES = ("openai", "openclip", "hf", "crate", "bigvision")
 
 def convert(source: str, src: str, dst: str, model_name: str | None = None, bpe: str | None = None, *,
             overwrite: bool = False, trust_torchscript: bool = False, heads: int | None = None,
-            pool: str | None = None, eta: float | None = None, lambd: float | None = None) -> str:
+            pool: str | None = None, eta: float | None = None, lambd: float | None = None,
+            tokenizer: str | None = None) -> str:
   """Convert ``src`` (layout ``source``) to the model dir ``dst``; returns its absolute path.
+
+  ``bpe``: the CLIP BPE file to ship with a CLIP model; ``tokenizer``: the SentencePiece model to
+  ship with a SigLIP one (default: the ``spiece.model`` / ``tokenizer.model`` of a source folder,
+  trace_jax/convert/siglip.py ``tokenizer_files``).
 
   ``heads`` / ``pool`` / ``eta`` / ``lambd``: ``source='crate'`` only (trace_jax/convert/crate.py). ``trust_torchscript``:
   open TorchScript archives with ``torch.jit.load`` (runs code from the archive) instead of reading
@@ -34,6 +39,8 @@ def convert(source: str, src: str, dst: str, model_name: str | None = None, bpe:
     raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
   if not os.path.exists(src):
     raise FileNotFoundError(f"source {src} does not exist")
+  if tokenizer is not None and not os.path.isfile(tokenizer):
+    raise FileNotFoundError(f"tokenizer {tokenizer} does not exist")
   dst = os.path.abspath(dst)
   check_destination(dst, overwrite, src)
   parent = os.path.dirname(dst)
@@ -41,7 +48,7 @@ def convert(source: str, src: str, dst: str, model_name: str | None = None, bpe:
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.converting-", dir=parent)
   try:
     _default_mode(staging)
-    _convert_into(source, src, staging, model_name, bpe, trust_torchscript, heads, pool, eta, lambd)
+    _convert_into(source, src, staging, model_name, bpe, trust_torchscript, heads, pool, eta, lambd, tokenizer)
     _move_into_place(staging, dst)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -105,38 +112,57 @@ def _is_hf_siglip(src: str) -> bool:
   return is_hf_siglip_dir(src)
 
 
-def _convert_into(source, src, out, model_name, bpe, trust_torchscript, heads, pool, eta=None, lambd=None) -> None:
+def _convert_into(source, src, out, model_name, bpe, trust_torchscript, heads, pool, eta=None, lambd=None,
+                  tokenizer=None) -> None:
   """Write the model dir of ``src`` into the (empty, temporary) directory ``out``."""
+  if source == "crate" and tokenizer is not None:
+    raise ValueError("--tokenizer is the SentencePiece model of a SigLIP checkpoint; a CRATE classifier has none")
+  loaded = _load_into(source, src, out, model_name, bpe, trust_torchscript, heads, pool, eta, lambd)
+  if loaded is None:
+    return
+  cfg, params, tok, siglip_clean = loaded
+  with tempfile.TemporaryDirectory() as tmp:
+    if siglip_clean is not None:  # a SigLIP checkpoint: its SentencePiece model, not a CLIP BPE
+      if bpe is not None:
+        raise ValueError("--bpe is a CLIP BPE file; this is a SigLIP checkpoint (SentencePiece): use --tokenizer")
+      from trace_jax.convert.siglip import tokenizer_files
+      tok = tokenizer_files(cfg, src, tokenizer, siglip_clean, tmp)
+    elif tokenizer is not None:
+      raise ValueError("--tokenizer is the SentencePiece model of a SigLIP checkpoint; this is a CLIP "
+                       "checkpoint: use --bpe")
+    from trace_jax.model_dir import save_model
+    save_model(out, params, cfg, source=f"{source}:{os.path.abspath(src)}", tokenizer_files=tok)
+
+
+def _load_into(source, src, out, model_name, bpe, trust_torchscript, heads, pool, eta, lambd):
+  """(cfg, params, CLIP tokenizer files, SigLIP text cleaning or None) of ``src``; a CRATE classifier
+  dir (its own format) is written into ``out`` directly (returns None)."""
   from trace_jax.convert import common
   if source == "crate":  # a CRATE classifier dir (trace_jax/convert/crate.py), its own format
     from trace_jax.convert import crate
     crate.convert(src, out, model_name=model_name, heads=heads, pool=pool or "cls",
                   eta=0.1 if eta is None else float(eta), lambd=0.1 if lambd is None else float(lambd))
-    return
-  from trace_jax.model_dir import save_model
+    return None
   if source == "openai":
     from trace_jax.convert.openai import load_openai
     cfg, params = load_openai(src, trust_torchscript=trust_torchscript)
     tok = common.bpe_files(bpe)
-  elif source == "bigvision":  # SigLIP .npz (trace_jax/convert/siglip.py); no tokenizer shipped
+  elif source == "bigvision":  # SigLIP .npz (trace_jax/convert/siglip.py); tokenizer from --tokenizer
     from trace_jax.convert.siglip import load_bigvision
-    cfg, params = load_bigvision(src, model_name)
-    tok = {}
+    return (*load_bigvision(src, model_name), {}, "hf")
   elif source == "openclip":
     from trace_jax.convert import siglip
     loaded = siglip.maybe_load_openclip(src, model_name)  # None unless a SigLIP (CustomTextCLIP) one
-    if loaded is not None:
-      (cfg, params), tok = loaded, {}  # SigLIP's SentencePiece tokenizer is not shipped
-    else:
-      from trace_jax.convert.openclip import load_openclip
-      cfg, params = load_openclip(src, model_name)
-      tok = common.bpe_files(bpe)
+    if loaded is not None:  # open_clip tokenizes SigLIP text with clean='canonicalize'
+      return (*loaded, {}, "openclip")
+    from trace_jax.convert.openclip import load_openclip
+    cfg, params = load_openclip(src, model_name)
+    tok = common.bpe_files(bpe)
   elif os.path.isdir(src) and _is_hf_siglip(src):
     from trace_jax.convert import siglip
-    cfg, params = siglip.load_hf_dir(src, siglip.hf_config(src))
-    tok = {}
+    return (*siglip.load_hf_dir(src, siglip.hf_config(src)), {}, "hf")
   else:
     from trace_jax.convert import hf
     cfg, params = hf.load_hf_dir(src)
     tok = hf.tokenizer_files(src) or (common.bpe_files(bpe) if bpe else {})
-  save_model(out, params, cfg, source=f"{source}:{os.path.abspath(src)}", tokenizer_files=tok)
+  return cfg, params, tok, None

@@ -595,3 +595,40 @@ def maybe_load_openclip(path: str, model_name: str | None) -> tuple[CLIPConfig, 
       return None
     weights_path = path
   return load_openclip(mc, common.load_state_dict(weights_path), f"open_clip SigLIP checkpoint {weights_path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the SentencePiece tokenizer shipped with a converted SigLIP
+
+def find_spm(src: str) -> str | None:
+  """The SentencePiece model in a checkpoint folder (HF ``spiece.model``, ``tokenizer.model``,
+  ``sentencepiece.model``), or None (a file, or a folder without one). Two of them: ValueError."""
+  from trace_jax.tokenizers.sentencepiece import SPM_NAMES
+  if not os.path.isdir(src):
+    return None
+  found = [os.path.join(src, n) for n in SPM_NAMES if os.path.isfile(os.path.join(src, n))]
+  if len(found) > 1:
+    raise ValueError(f"{src}: several SentencePiece models ({', '.join(os.path.basename(f) for f in found)}); "
+                     f"choose one with --tokenizer")
+  return found[0] if found else None
+
+
+def tokenizer_files(cfg: CLIPConfig, src: str, tokenizer: str | None, clean: str, out_dir: str) -> dict[str, str]:
+  """{name: path} of the SigLIP tokenizer to store in the model dir (written into ``out_dir``).
+
+  ``tokenizer``: a SentencePiece ``.model`` file, else the one in the ``src`` folder (``find_spm``),
+  else none ({}: the model dir then takes token ids only). ``clean``: the text cleaning of the source's
+  own tokenizer ('openclip' for open_clip checkpoints, 'hf' otherwise; trace_jax/tokenizers/sentencepiece.py).
+  The vocabulary must fit the text tower's token embedding (an id past it would index nothing the
+  model learned), checked here, before anything is written.
+  """
+  from trace_jax.tokenizers.sentencepiece import SentencePieceTokenizer
+  path = tokenizer or find_spm(src)
+  if path is None:
+    return {}
+  tok = SentencePieceTokenizer.from_file(path, context_length=cfg.text.context_length, clean=clean)
+  if tok.vocab_size > cfg.text.vocab_size:
+    raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces, more than the {cfg.text.vocab_size} "
+                     f"token embeddings of the model: not this checkpoint's tokenizer")
+  tok.save(out_dir)
+  return {n: os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir))}

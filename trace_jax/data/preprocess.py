@@ -19,6 +19,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEAN = np.array(CLIP_MEAN, np.float32)
 STD = np.array(CLIP_STD, np.float32)
 MODES = ("crop", "squash")
+# what each image tower kind was trained on: CLIP's mean / std, SigLIP's [-1, 1] (big_vision / open_clip
+# ViT-*-SigLIP: mean = std = 0.5); models/siglip.py IMAGE_MEAN / IMAGE_STD are the same numbers
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+def pixel_stats(tower_kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """(mean, std) float32 [3] the image tower of kind ``tower_kind`` ('vit', 'crate', 'siglip') expects."""
+  if tower_kind == "siglip":
+    return np.asarray(SIGLIP_MEAN, np.float32), np.asarray(SIGLIP_STD, np.float32)
+  return MEAN, STD
 
 
 def resize_image(img, size: int, mode: str = "crop"):
@@ -38,14 +48,15 @@ def resize_image(img, size: int, mode: str = "crop"):
   return img.crop((left, top, left + size, top + size))
 
 
-def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
-  """[.., H, W, 3] uint8 -> float32 (x / 255 - mean) / std."""
-  return normalize_unit(np.asarray(rgb_uint8, np.float32) / 255.0)
+def normalize(rgb_uint8: np.ndarray, tower_kind: str = "vit") -> np.ndarray:
+  """[.., H, W, 3] uint8 -> float32 (x / 255 - mean) / std (the tower kind's mean / std)."""
+  return normalize_unit(np.asarray(rgb_uint8, np.float32) / 255.0, tower_kind)
 
 
-def normalize_unit(px: np.ndarray) -> np.ndarray:
-  """[.., H, W, 3] pixels in [0, 1] -> float32 (x - mean) / std."""
-  return ((np.asarray(px, np.float32) - MEAN) / STD).astype(np.float32)
+def normalize_unit(px: np.ndarray, tower_kind: str = "vit") -> np.ndarray:
+  """[.., H, W, 3] pixels in [0, 1] -> float32 (x - mean) / std (``pixel_stats(tower_kind)``)."""
+  mean, std = pixel_stats(tower_kind)
+  return ((np.asarray(px, np.float32) - mean) / std).astype(np.float32)
 
 
 def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarray:

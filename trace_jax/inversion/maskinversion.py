@@ -44,6 +44,20 @@ Two modes give the same LETs (docs/maskinversion.md):
   Per mask and step that is a [K, D] x [D, N W] GEMM plus a [N, N] product per head.
 * ``'auto'``: decomposed if gO fits in a fraction of the device memory and the masks x steps are
   enough to amortise the D backwards of the precompute; else exact.
+
+SigLIP towers (trace_jax/models/siglip.py): maskinversion-torch 1.1 calls ``compute_legrad`` with the
+LETs, which dispatches to ``compute_legrad_siglip`` (apply_correction=True) on open_clip's timm SigLIP,
+so E is LeGrad-SigLIP (trace_jax/attribution/legrad_siglip.py): z_l = normalize(MAP head(x_l)) of each
+hooked block's output, G = q . dz_l/dA_pool (the MAP head's probabilities [h, 1, N]), mean_h relu(G)
+summed over the layers, the cells where the empty prompt's ('a photo of a') min-maxed map exceeds 0.8
+zeroed (``empty_ids`` / ``empty_query``, or ``correction=False``; LET-independent, so computed once per
+image), then min-max BEFORE the x patch upsampling. The dice identity holds with lo / hi of the grid
+instead of the upsampled map. z0 is the MAP-pooled embedding (no class token). 'exact': a vjp of the MAP
+head per layer (the probe's row only: far cheaper than a ViT block tail); 'decomposed': J_l = dz_l/dA_pool
+[E, h, N] by one jacrev per image (E h N floats: 1.8 M at B/16, 224 px), G = J_l . q per step.
+Theirs scores ``sum(LETs @ pooled.T)`` over all K masks, so with K > 1 masks every mask gets the map of
+the summed LETs; here each mask has its own map, equal to theirs run with that one mask
+(tests/test_siglip_maskinversion.py).
 """
 from __future__ import annotations
 
@@ -57,8 +71,10 @@ import numpy as np
 from trace_jax.attribution import legrad as lg
 from trace_jax.attribution.m2ib import ADAM_B1, ADAM_B2, ADAM_EPS, adam_tables
 from trace_jax.boxes import boxes_to_masks
-from trace_jax.models import build, l2_normalize
+from trace_jax.attribution import legrad_siglip as lgs
+from trace_jax.models import build, l2_normalize, siglip
 from trace_jax.models.blocks import attend, pooled_from_o, require_vit, values
+from trace_jax.ops import minmax
 from trace_jax.resize import torch_bilinear_matrix
 
 DEFAULT_LAYER_INDEX = -1  # MaskInversion.__init__(layer_index=-1): last block only
@@ -84,12 +100,14 @@ def project_masks(masks, ch, cw):
   return m_grid, jnp.sum(masks, axis=(-2, -1))
 
 
-def dice_from_grid(grid, m_grid, m_sum, uh, uw, one_grid, npix):
+def dice_from_grid(grid, m_grid, m_sum, uh, uw, one_grid, npix, minmax_on_grid: bool = False):
   """Their ``batched_dice_loss`` for one mask, evaluated on the grid (module docstring).
 
-  grid [gh, gw] raw LeGrad relevance; returns (dice, lo, rng) with lo/rng of the min-max.
+  grid [gh, gw] raw LeGrad relevance; returns (dice, lo, rng) with lo/rng of the min-max, taken over
+  the upsampled map (CLIP's LeGrad) or, ``minmax_on_grid``, over the grid itself (LeGrad-SigLIP
+  min-maxes before upsampling; the resize rows still sum to 1, so the same identity holds).
   """
-  up = uh @ grid @ uw.T  # LeGrad's upsampled map before min-max
+  up = grid if minmax_on_grid else uh @ grid @ uw.T  # the map LeGrad min-maxes
   lo, hi = jnp.min(up), jnp.max(up)
   rng = hi - lo
   ok = rng > 0  # a constant map is 0 after our guarded min-max (theirs: NaN)
@@ -121,6 +139,51 @@ def exact_grid_fn(model, params, state, layer_ids, grid_hw):
   def grid_fn(q):
     return sum(lg.relevance(vjp(q)[0]) for vjp in vjps).reshape(grid_hw)
   return grid_fn
+
+
+def _siglip_relevance(g):
+  """LeGrad-SigLIP relevance of G [h, 1, N]: mean over heads of relu(G), the probe's row [N]."""
+  return jnp.mean(jax.nn.relu(g), axis=0)[0]
+
+
+def siglip_prepare(model, params, image, layer_ids, mode, pos_interp, empty, correction, threshold):
+  """One image forward of a SigLIP tower: {'z0' [E], 'parts' per layer (exact: x_l [N, W];
+  decomposed: J_l [h, N, E]), 'keep' [gh, gw] (0 where the empty-prompt correction zeroes)}."""
+  cfg = model.cfg
+  ps = cfg.vision.patch_size
+  grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
+  emb, aux = model.apply({"params": params}, image, method="encode_image", pos_interp=pos_interp)
+  xs = tuple(aux["blocks"][l]["tokens"].astype(jnp.float32) for l in layer_ids)
+  if mode == "exact":
+    parts = xs
+  elif mode == "decomposed":
+    zeros = jnp.zeros((cfg.vision.heads, 1, grid_hw[0] * grid_hw[1]), jnp.float32)
+    jac = lambda x: jax.jacrev(functools.partial(lgs.layer_feature_of_attn, cfg, params, x))(zeros)
+    parts = tuple(jnp.moveaxis(jac(x)[:, :, 0], 0, -1) for x in xs)  # [E, h, 1, N] -> [h, N, E]
+  else:
+    raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
+  keep = jnp.ones(grid_hw, jnp.float32)
+  if correction:  # the empty prompt's map, LET-independent: once per image (legrad_siglip.finish)
+    raw_empty = _siglip_relevance_fn(cfg, params, parts, grid_hw, mode)(empty).reshape(grid_hw)
+    keep = jnp.where(minmax(raw_empty) > threshold, 0.0, 1.0)
+  return {"z0": emb.astype(jnp.float32), "parts": parts, "keep": keep}
+
+
+def _siglip_relevance_fn(cfg, params, parts, grid_hw, mode):
+  """q [E] -> summed LeGrad-SigLIP relevance [N] over the layers of ``parts`` (siglip_prepare)."""
+  if mode == "exact":  # one vjp of the MAP head per layer, linearised once per image
+    zeros = jnp.zeros((cfg.vision.heads, 1, grid_hw[0] * grid_hw[1]), jnp.float32)
+    vjps = [jax.vjp(functools.partial(lgs.layer_feature_of_attn, cfg, params, x), zeros)[1] for x in parts]
+    return lambda q: sum(_siglip_relevance(vjp(q)[0]) for vjp in vjps)
+  if mode == "decomposed":
+    return lambda q: sum(jnp.mean(jax.nn.relu(j @ q), axis=0) for j in parts)
+  raise ValueError(f"mode must be 'exact' or 'decomposed' here; got {mode!r}")
+
+
+def siglip_grid_fn(model, params, prepared, grid_hw, mode):
+  """q [E] -> corrected raw LeGrad-SigLIP grid [gh, gw] (before its min-max)."""
+  rel = _siglip_relevance_fn(model.cfg, params, prepared["parts"], grid_hw, mode)
+  return lambda q: rel(q).reshape(grid_hw) * prepared["keep"]
 
 
 def jacobian_chunk(d: int, n: int, width: int, mlp: int, budget_bytes: float | None = None) -> int:
@@ -178,14 +241,18 @@ def decomposed_grid_fn(model, params, state, layer_ids, grid_hw, chunk: int | No
   return grid_fn_from_parts(decomposed_parts(model, params, state, layer_ids, chunk), grid_hw)
 
 
-def prepare(model, params, image, *, layer_ids, mode, pos_interp="antialias", chunk=None):
+def prepare(model, params, image, *, layer_ids, mode, pos_interp="antialias", chunk=None, empty=None,
+            correction: bool = False, threshold: float = lgs.CORRECTION_THRESHOLD):
   """Everything of one image that no mask changes: ONE image forward, and in decomposed mode gO.
 
   image [H, W, 3] -> {'z0': [E] float32, 'parts': per layer in ``layer_ids``: exact ->
   (x_prev [N, W], attn [h, N, N]); decomposed -> (gO^T [N h e, D], v [N, h, e])}. A pytree of
   arrays, so it is computed by one jitted call and handed to every mask chunk's call
-  (:func:`invert_prepared`) instead of being recomputed per chunk.
+  (:func:`invert_prepared`) instead of being recomputed per chunk. SigLIP: :func:`siglip_prepare`
+  (``empty`` [E] the normalised empty-prompt embedding, used when ``correction``).
   """
+  if siglip.is_siglip(model.cfg):
+    return siglip_prepare(model, params, image, layer_ids, mode, pos_interp, empty, correction, threshold)
   z0, state = lg.image_state(model, params, image, layer_ids, pos_interp)
   if mode == "exact":
     parts = tuple(state[l] for l in layer_ids)
@@ -199,6 +266,8 @@ def prepare(model, params, image, *, layer_ids, mode, pos_interp="antialias", ch
 def grid_fn_of(model, params, prepared, layer_ids, grid_hw, mode):
   """q [E] -> raw LeGrad grid from :func:`prepare`'s output. Exact mode re-linearises the block
   tails (a block-tail forward per call, never the image forward) from the stored (x_prev, attn)."""
+  if siglip.is_siglip(model.cfg):
+    return siglip_grid_fn(model, params, prepared, grid_hw, mode)
   if mode == "exact":
     return exact_grid_fn(model, params, dict(zip(layer_ids, prepared["parts"])), layer_ids, grid_hw)
   if mode == "decomposed":
@@ -209,7 +278,8 @@ def grid_fn_of(model, params, prepared, layer_ids, grid_hw, mode):
 # ----------------------------------------------------------------------------- the optimisation
 
 def objective(model, params, image, masks, weights, alpha, *, layer_ids, mode,
-              pos_interp="antialias", chunk=None):
+              pos_interp="antialias", chunk=None, empty=None, correction=False,
+              threshold=lgs.CORRECTION_THRESHOLD):
   """The per-image MaskInversion loss (one forward; mode-specific LeGrad gradient).
 
   Returns (loss_fn, per_mask, z0, (ch, cw), (m_grid, m_sum)): ``loss_fn(lets [K, E]) -> (loss,
@@ -218,7 +288,7 @@ def objective(model, params, image, masks, weights, alpha, *, layer_ids, mode,
   ps = model.cfg.vision.patch_size
   grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
   prepared = prepare(model, params, image, layer_ids=layer_ids, mode=mode, pos_interp=pos_interp,
-                     chunk=chunk)
+                     chunk=chunk, empty=empty, correction=correction, threshold=threshold)
   return objective_prepared(model, params, prepared, masks, weights, alpha, layer_ids=layer_ids,
                             mode=mode, grid_hw=grid_hw)
 
@@ -235,11 +305,12 @@ def objective_prepared(model, params, prepared, masks, weights, alpha, *, layer_
   z0 = prepared["z0"]
   grid_fn = grid_fn_of(model, params, prepared, layer_ids, grid_hw, mode)
   z0n = l2_normalize(z0)
+  on_grid = siglip.is_siglip(model.cfg)       # LeGrad-SigLIP min-maxes before upsampling
 
   def per_mask(let, mg, ms):
     q = l2_normalize(let)                     # F.normalize(mask_emb)
     grid = grid_fn(q)
-    dice, lo, rng = dice_from_grid(grid, mg, ms, uh, uw, one_grid, npix)
+    dice, lo, rng = dice_from_grid(grid, mg, ms, uh, uw, one_grid, npix, on_grid)
     reg = 1.0 - jnp.sum(z0n * q)               # 1 - cos(z0, LET)
     return dice, reg, (grid, lo, rng)
 
@@ -272,14 +343,16 @@ def torch_adamw_step(p, m, v, g, step_size, decay, bc2_sqrt):
   return p + (-step_size * m) / denom, m, v
 
 
-def invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, *, layer_ids, steps,
-               mode, pos_interp="antialias", chunk=None):
+def invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, empty=None, *, layer_ids,
+               steps, mode, pos_interp="antialias", chunk=None, correction=False,
+               threshold=lgs.CORRECTION_THRESHOLD):
   """MaskInversion of K (padded) masks on one image; pure and jit-able.
 
   Args:
     image [H, W, 3]; masks [K, Hm, Wm] in [0, 1]; weights [K] loss weight per mask (1/K_real for
     real masks, 0 for padding); step_sizes [steps], decay [] from ``adamw_schedule(lr, wd, steps)``
-    and alpha [] (all traced: no recompilation per lr / wd / alpha).
+    and alpha [] (all traced: no recompilation per lr / wd / alpha). SigLIP: ``empty`` [E] the
+    normalised empty-prompt embedding of the correction (``correction``, ``threshold``).
   Returns dict: lets [K, E] (un-normalised), z0 [E], grid [K, gh, gw] / map [K, Hm, Wm] of the
     returned LETs, pre_grid / pre_map of the LETs before the last step (theirs), losses [steps]
     (total), dice [steps] and reg [steps] (weighted means), dice0 [K] / dice_final [K] per mask.
@@ -287,7 +360,7 @@ def invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, *
   ps = model.cfg.vision.patch_size
   grid_hw = (image.shape[-3] // ps, image.shape[-2] // ps)
   prepared = prepare(model, params, image, layer_ids=layer_ids, mode=mode, pos_interp=pos_interp,
-                     chunk=chunk)
+                     chunk=chunk, empty=empty, correction=correction, threshold=threshold)
   return invert_prepared(model, params, prepared, masks, weights, step_sizes, alpha, decay,
                          layer_ids=layer_ids, steps=steps, mode=mode, grid_hw=grid_hw)
 
@@ -338,23 +411,29 @@ def hyper_args(lr: float, alpha: float, wd: float, steps: int) -> list:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(cfg, layer_ids, steps, mode, pos_interp, chunk):
+def _compiled(cfg, layer_ids, steps, mode, pos_interp, chunk, correction=False,
+              threshold=lgs.CORRECTION_THRESHOLD):
   model = build(cfg)
 
-  def one(params, image, masks, weights, step_sizes, alpha, decay):
-    return invert_one(model, params, image, masks, weights, step_sizes, alpha, decay,
-                      layer_ids=layer_ids, steps=steps, mode=mode, pos_interp=pos_interp, chunk=chunk)
+  def one(params, image, masks, weights, step_sizes, alpha, decay, empty):
+    return invert_one(model, params, image, masks, weights, step_sizes, alpha, decay, empty,
+                      layer_ids=layer_ids, steps=steps, mode=mode, pos_interp=pos_interp, chunk=chunk,
+                      correction=correction, threshold=threshold)
 
-  batched = jax.vmap(one, in_axes=(None, 0, 0, 0, None, None, None))
-  return jax.jit(batched)
+  # (params, images, masks, weights, step_sizes, alpha, decay, empty): ``empty`` [E] is SigLIP's
+  # empty-prompt embedding (zeros, unused, without the correction). The jitted function itself is
+  # returned so that its compilation cache and ``lower`` (trace-jax plan) are the program invert runs.
+  return jax.jit(jax.vmap(one, in_axes=(None, 0, 0, 0, None, None, None, None)))
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk):
+def _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk, correction=False,
+                      threshold=lgs.CORRECTION_THRESHOLD):
   """jit(prepare): one image [H, W, 3] -> its prepared state (computed once, reused by every chunk)."""
   model = build(cfg)
-  return jax.jit(lambda params, image: prepare(model, params, image, layer_ids=layer_ids, mode=mode,
-                                               pos_interp=pos_interp, chunk=chunk))
+  return jax.jit(lambda params, image, empty: prepare(
+      model, params, image, layer_ids=layer_ids, mode=mode, pos_interp=pos_interp, chunk=chunk,
+      empty=empty, correction=correction, threshold=threshold))
 
 
 @functools.lru_cache(maxsize=64)
@@ -469,6 +548,14 @@ def choose_mode(cfg, image_hw, num_masks: int, steps: int, num_layers: int,
   n = (image_hw[0] // ps) * (image_hw[1] // ps) + 1
   w, d = cfg.vision.width, cfg.embed_dim
   mlp = int(w * cfg.vision.mlp_ratio)
+  if siglip.is_siglip(cfg):
+    # MAP head only (one query row): a vjp ~ N W (the values) + W^2 + 2 W mlp; J is D h N floats.
+    n, h = n - 1, cfg.vision.heads
+    head = n * w + w * w + 2.0 * w * mlp
+    if 4.0 * num_layers * d * h * n > (memory_budget() if budget is None else budget):
+      return "exact"
+    return "decomposed" if d * head + num_masks * steps * 2.0 * d * h * n <= num_masks * steps * 2.0 * head \
+        else "exact"
   jac_bytes = 4.0 * num_layers * d * n * w
   budget = memory_budget() if budget is None else budget
   if jac_bytes > budget:
@@ -552,9 +639,11 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
            alpha: float = 0.0, wd: float = 0.0, pos_interp: str = "antialias", bucket: bool = True,
            return_pre_step_map: bool = False, chunk: int | None = None,
            max_images_per_call: int | None = None, max_masks_per_call: int | None = None,
-           budget: float | None = None, devices=None):
+           budget: float | None = None, devices=None, correction: bool = True, empty_ids=None,
+           empty_query=None, threshold: float = lgs.CORRECTION_THRESHOLD):
   """MaskInversion: one localized embedding token (LET) per mask. Needs a ViT image tower (LeGrad's
-  block recompute, trace_jax/models/blocks.py); other towers are refused with a ValueError naming them.
+  block recompute, trace_jax/models/blocks.py) or a SigLIP one (LeGrad-SigLIP, module docstring);
+  other towers are refused with a ValueError naming them.
 
   Args:
     images: [B, H, W, 3] (NHWC, normalised) or one [H, W, 3] image (H, W multiples of the patch;
@@ -579,6 +668,9 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
       its masks in equal-sized chunks that all reuse it, each with the weights of the whole set
       (1/K), so the LETs and maps equal the all-at-once call's and ``losses`` / ``dice`` / ``reg``
       are the sums over the chunks.
+    correction, empty_ids, empty_query, threshold: SigLIP only, the authors' empty-prompt correction
+      of LeGrad-SigLIP (theirs always applies it): token ids [L] of 'a photo of a' or its embedding
+      [E]; ``correction=False`` skips it (attribution/legrad_siglip.py).
     devices: None = one device; 'all' / n / a list: every call is one jit sharded with
       ``NamedSharding`` over a 1-D 'data' mesh of these devices: images on that axis (the calls
       over images), or one image's masks on that axis with its prepared state replicated (the
@@ -589,7 +681,9 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     ``dice`` / ``reg`` [steps], ``dice0`` / ``dice_final`` [K], ``z0`` [E], ``mode``; several images:
     a list of such dicts.
   """
-  require_vit(model.cfg, "MaskInversion")
+  is_sig = siglip.is_siglip(model.cfg)
+  if not is_sig:
+    require_vit(model.cfg, "MaskInversion", "SigLIP towers work too")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
   if (masks is None) == (boxes is None):
@@ -622,11 +716,13 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   kmax = max(m.shape[0] for m in per_image)
   if mode == "auto":
     mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids))
-  fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk)
+  correction = bool(correction) and is_sig
+  empty = _empty_query(model, params, correction, empty_ids, empty_query)
+  fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk, correction, float(threshold))
   hyper = hyper_args(lr, alpha, wd, steps)
   devs = resolve_devices(devices)
   nd = len(devs)
-  hyper_d = [_put(h, devs, False) for h in hyper]
+  hyper_d = [_put(h, devs, False) for h in hyper] + [_put(empty, devs, False)]
   params_d = _put(params, devs, False)
 
   def result(r, k):
@@ -654,7 +750,7 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
         big.append(i)
         results[i] = result(_invert_chunked(cfg, params_d, ims[i], per_image[i], pl["chunk"],
                                             layer_ids, steps, mode, pos_interp, chunk, hyper_d,
-                                            devs), per_image[i].shape[0])
+                                            devs, correction, float(threshold)), per_image[i].shape[0])
     idx = [i for i in idx if i not in big]
     if not idx:
       continue
@@ -680,16 +776,35 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   return results if as_list else results[0] if b == 1 else results
 
 
+def _empty_query(model, params, correction: bool, empty_ids, empty_query) -> jax.Array:
+  """The normalised empty-prompt embedding [E] of LeGrad-SigLIP's correction (zeros when unused)."""
+  e = model.cfg.embed_dim
+  if not correction:
+    return jnp.zeros((e,), jnp.float32)
+  if empty_query is None and empty_ids is None:
+    raise ValueError(f"MaskInversion on SigLIP applies the authors' empty-prompt correction (their "
+                     f"compute_legrad_siglip): pass empty_ids (token ids of {lgs.EMPTY_PROMPT!r}) or "
+                     f"empty_query, or correction=False")
+  if empty_query is None:
+    from trace_jax.attribution.common import as_ids
+    empty_query = model.apply({"params": params}, as_ids(empty_ids)[:1], method="encode_text")[0][0]
+  q = jnp.asarray(empty_query, jnp.float32).reshape(-1)
+  if q.shape[0] != e:
+    raise ValueError(f"empty_query has dim {q.shape[0]}, the model embeds to {e}")
+  return l2_normalize(q)
+
+
 def _invert_chunked(cfg, params, image, masks, size, layer_ids, steps, mode, pos_interp, chunk, hyper,
-                    devs):
+                    devs, correction=False, threshold=lgs.CORRECTION_THRESHOLD):
   """One image's K masks in calls of ``size`` masks, all reusing ONE prepared image state.
 
   Every chunk carries the weights of the whole set (1/K; padding 0): the LETs equal the all-at-once
   call's (invert_prepared's docstring) and the chunks' per-step losses sum to its losses."""
   ps = cfg.vision.patch_size
   grid_hw = (image.shape[0] // ps, image.shape[1] // ps)
-  prep = _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk)(
-      params, _put(np.asarray(image, np.float32), devs, False))
+  *hyper, empty = hyper
+  prep = _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk, correction, threshold)(
+      params, _put(np.asarray(image, np.float32), devs, False), empty)
   run = _compiled_chunk(cfg, layer_ids, int(steps), mode, grid_hw)
   k = masks.shape[0]
   outs = []

@@ -3,6 +3,10 @@
     L_local = (1/M) Σ_i InfoNCE_sym( I^(i) [B, E], T_compressed^(i) [B, E] )
     L_total = λ_global · L_global + λ_local · L_local
 
+L_global is CLIP's symmetric InfoNCE (``global_loss='softmax'``) or, on a SigLIP model, SigLIP's
+sigmoid loss with its learnable bias (``global_loss='sigmoid'``, trace_jax/losses/sigmoid.py, chunked
+across the batch shards); L_local stays the paper's per-slot InfoNCE with its own temperature.
+
 Reading of the paper's ``Σ_i CrossEntropy(sim(T_compressed^(i), I^(i)))``: for each slot i, the
 similarity matrix between patch i of every image and slot i of every text in the batch
 [B_img, B_txt], cross-entropy with the diagonal as target in both directions (symmetric CLIP
@@ -13,8 +17,10 @@ not in the paper and is not used.
 
 Patch features I^(i): the final visual tokens of the patches mapped by ln_post @ proj into the
 joint embedding space (so they are comparable with the pooled text embedding; the prototype uses
-raw hidden states). T_compressed: ``trace_jax.models.text_compression.TextCompression`` over the
-text tower's final (ln_final) tokens, padding after the end-of-text token masked.
+raw hidden states); on SigLIP (no class token, a MAP head instead of a projection) by the MAP head
+run on each token alone (``SigLIPVision.project``). T_compressed:
+``trace_jax.models.text_compression.TextCompression`` over the text tower's final (ln_final) tokens,
+padding after the end-of-text token masked (SigLIP's non-causal tower reads every position: none is).
 """
 from __future__ import annotations
 
@@ -22,6 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from trace_jax.losses.contrastive import MAX_LOG_SCALE, clip_contrastive_loss
+from trace_jax.losses.sigmoid import sigmoid_loss_chunked
+
+GLOBAL_LOSSES = ("softmax", "sigmoid")  # config.loss.global_loss (trace_jax/objectives/clip.py)
 
 
 def local_alignment_loss(patch_embeds: jax.Array, slot_embeds: jax.Array, log_scale: jax.Array, *,
@@ -50,16 +59,18 @@ def text_valid_mask(ids: jax.Array, eot: jax.Array) -> jax.Array:
 
 
 def patch_embeddings(model, clip_params, visual_tokens: jax.Array) -> jax.Array:
-  """Final visual tokens [B, 1 + N, width] -> patch features [B, N, E] (ln_post @ proj, un-normalised)."""
-  return model.apply({"params": clip_params}, visual_tokens[:, 1:],
-                     method=lambda m, x: m.visual.project(x))
+  """Final visual tokens [B, 1 + N, width] -> patch features [B, N, E] (ln_post @ proj, un-normalised);
+  SigLIP: its ln_post'ed tokens [B, N, width] (no class token) through ``SigLIPVision.project``."""
+  patches = visual_tokens if model.cfg.vision.kind == "siglip" else visual_tokens[:, 1:]
+  return model.apply({"params": clip_params}, patches, method=lambda m, x: m.visual.project(x))
 
 
 def local_alignment_forward(model, compressor, params, images: jax.Array, ids: jax.Array) -> dict:
   """One CLIP forward plus the compressor. ``params = {'clip': ..., 'text_compression': ...}``.
 
   Returns dict: image_embeds [B, E], text_embeds [B, E] (normalised), patch_embeds [B, N, E],
-  slot_embeds [B, N, E] (un-normalised), log_scale_global, log_scale_local (scalars).
+  slot_embeds [B, N, E] (un-normalised), log_scale_global, log_scale_local (scalars), and logit_bias
+  (scalar; a SigLIP model's, else None).
   """
   out, aux = model.apply({"params": params["clip"]}, images, ids)
   patches = patch_embeddings(model, params["clip"], aux["image"]["tokens"])
@@ -70,15 +81,31 @@ def local_alignment_forward(model, compressor, params, images: jax.Array, ids: j
                      f"{patches.shape[1]} patches; set num_registers to the number of patches")
   return {"image_embeds": out["image_embeds"], "text_embeds": out["text_embeds"], "patch_embeds": patches,
           "slot_embeds": slots, "log_scale_global": params["clip"]["logit_scale"],
-          "log_scale_local": params["text_compression"]["logit_scale"]}
+          "log_scale_local": params["text_compression"]["logit_scale"],
+          "logit_bias": params["clip"].get("logit_bias")}
 
 
-def local_alignment_total(fwd: dict, *, lambda_global: float = 1.0, lambda_local: float = 1.0):
-  """L_total = λ_global·L_global + λ_local·L_local from ``local_alignment_forward``'s dict.
+def global_term(kind: str, image_embeds, text_embeds, log_scale, logit_bias=None) -> jax.Array:
+  """L_global of (image b, text b) pairs: ``'softmax'`` CLIP InfoNCE, ``'sigmoid'`` SigLIP's loss
+  (needs ``logit_bias``; chunked over the batch shards). ValueError naming an unknown ``kind``."""
+  if kind not in GLOBAL_LOSSES:
+    raise ValueError(f"loss.global_loss must be one of {GLOBAL_LOSSES}; got {kind!r}")
+  if kind == "softmax":
+    return clip_contrastive_loss(image_embeds, text_embeds, log_scale)
+  if logit_bias is None:
+    raise ValueError("loss.global_loss=sigmoid needs a SigLIP model (a learnable logit bias)")
+  return sigmoid_loss_chunked(image_embeds, text_embeds, log_scale, logit_bias)
+
+
+def local_alignment_total(fwd: dict, *, lambda_global: float = 1.0, lambda_local: float = 1.0,
+                          global_loss: str = "softmax"):
+  """L_total = λ_global·L_global + λ_local·L_local from ``local_alignment_forward``'s dict;
+  ``global_loss``: 'softmax' (CLIP InfoNCE) or 'sigmoid' (SigLIP, :func:`global_term`).
 
   Returns (loss, {'global': L_global, 'local': L_local}).
   """
-  l_global = clip_contrastive_loss(fwd["image_embeds"], fwd["text_embeds"], fwd["log_scale_global"])
+  l_global = global_term(global_loss, fwd["image_embeds"], fwd["text_embeds"], fwd["log_scale_global"],
+                         fwd.get("logit_bias"))
   l_local = local_alignment_loss(fwd["patch_embeds"], fwd["slot_embeds"], fwd["log_scale_local"])
   return lambda_global * l_global + lambda_local * l_local, {"global": l_global, "local": l_local}
 

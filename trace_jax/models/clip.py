@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from trace_jax.models import posemb
 from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
-from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, dtype_of, part
+from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, check_token_ids, dtype_of, part
 from trace_jax.models.layers import check_images as _check_images
 
 
@@ -114,14 +114,8 @@ class TextTransformer(nn.Module):
     return jnp.argmax(ids == self.cfg.eos_token_id, axis=-1)  # first occurrence, as HF
 
   def __call__(self, ids):
-    if ids.ndim not in (1, 2):
-      raise ValueError(f"token ids must be [batch, length] or [length]; got shape {tuple(ids.shape)}")
+    check_token_ids(ids, self.cfg.context_length)
     n = ids.shape[-1]
-    if n > self.cfg.context_length:
-      raise ValueError(f"text of {n} tokens is longer than the context length "
-                       f"{self.cfg.context_length}; tokenize with truncation")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
     x = self.token_embedding(ids) + self.positional_embedding[:n].astype(self.dtype)
     causal = jnp.tril(jnp.ones((n, n), bool))
     x, blocks = self.transformer(x, causal)

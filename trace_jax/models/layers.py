@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from trace_jax.models.scale import constrain_batch
+
 Dtype = Any
 
 LN_EPS = 1e-5  # torch nn.LayerNorm default; flax's 1e-6 drifts ~1e-4 (notes/crate.md pitfalls)
@@ -92,6 +94,19 @@ def check_images(images, patch_size: int, image_size: int, channels: int = 3) ->
   if h % p or w % p or h < p or w < p:
     raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size {p} "
                      f"(the model was trained at {image_size}x{image_size})")
+
+
+def check_token_ids(ids, context_length: int) -> None:
+  """Static checks of token ids [batch, length] or [length] (CLIP and SigLIP text towers): rank,
+  length within ``context_length``, integer dtype; messages name the problem."""
+  if ids.ndim not in (1, 2):
+    raise ValueError(f"token ids must be [batch, length] or [length]; got shape {tuple(ids.shape)}")
+  n = ids.shape[-1]
+  if n > context_length:
+    raise ValueError(f"text of {n} tokens is longer than the context length "
+                     f"{context_length}; tokenize with truncation")
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
 
 
 class MultiHeadAttention(nn.Module):
@@ -175,13 +190,14 @@ class ResidualAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
+    x = constrain_batch(x)   # block boundary: tokens stay split over the batch (models/scale.py)
     width = x.shape[-1]
     y, probs = MultiHeadAttention(self.num_heads, self.dtype, self.attention, name="attn")(
         LayerNorm(self.dtype, eps=self.ln_eps, name="ln_1")(x), mask)
     x = x + y
     x = x + mlp(LayerNorm(self.dtype, eps=self.ln_eps, name="ln_2")(x), int(width * self.mlp_ratio),
                 self.act, self.dtype)
-    x = self.perturb("tokens", x)
+    x = self.perturb("tokens", constrain_batch(x))
     return x, {"attn": probs, "tokens": x}
 
 

@@ -47,10 +47,13 @@ import jax.numpy as jnp
 
 from trace_jax.models import posemb
 from trace_jax.models.config import CLIPConfig, VisionConfig
-from trace_jax.models.layers import (ACTIVATIONS, LN_EPS, LayerNorm, Transformer, acc_dtype, check_images,
-                                     dtype_of, part)
+from trace_jax.models.layers import (ACTIVATIONS, LN_EPS, LayerNorm, ResidualAttentionBlock, Transformer,
+                                     acc_dtype, check_images, check_token_ids, dtype_of, part)
 
 KIND = "siglip"
+# SigLIP reads pixels in [-1, 1]: big_vision value_range(-1, 1), open_clip / timm SigLIP
+# INCEPTION_MEAN / STD, HF SiglipImageProcessor image_mean / image_std (not CLIP's mean / std).
+IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
 DEFAULTS = {"ln_eps": 1e-6, "logit_bias_init": -10.0, "image_head": False}
 POOL_PATH = ("visual", "map_head", "attn")  # perturbation path of the MAP head's probabilities
 
@@ -189,6 +192,18 @@ class SigLIPVision(nn.Module):
       pooled = pooled @ self.proj.astype(self.dtype) + self.proj_bias.astype(self.dtype)
     return pooled.astype(acc_dtype(self.dtype)), probs
 
+  def project(self, tokens):
+    """Per-token embeddings [.., N, E] of ln_post'ed tokens [.., N, W]: the MAP head's output when its
+    probe attends to that token alone (value, out projection, its MLP residual; each token run as a
+    one-key sequence, whose softmax is 1) and the image head if any. The SigLIP analogue of CLIP's
+    per-token ``ln_post @ proj`` (MaskCLIP-style dense features), used by local alignment's patch
+    features (trace_jax/losses/local_alignment.py); the pooled embedding is their attention-weighted
+    mix before the MLP."""
+    pooled, _ = self.map_head(tokens[..., :, None, :])
+    if self.image_head:
+      pooled = pooled @ self.proj.astype(self.dtype) + self.proj_bias.astype(self.dtype)
+    return pooled.astype(acc_dtype(self.dtype))
+
   def __call__(self, images, pos_interp: str | None = None):
     x, blocks = self.transformer(self.embed_patches(images, pos_interp))
     x = self.ln_post(x)
@@ -219,21 +234,19 @@ class SigLIPText(nn.Module):
                                            (self.embed_dim,), jnp.float32)
 
   def __call__(self, ids):
-    if ids.ndim not in (1, 2):
-      raise ValueError(f"token ids must be [batch, length] or [length]; got shape {tuple(ids.shape)}")
+    check_token_ids(ids, self.cfg.context_length)
     n = ids.shape[-1]
-    if n > self.cfg.context_length:
-      raise ValueError(f"text of {n} tokens is longer than the context length "
-                       f"{self.cfg.context_length}; tokenize with truncation")
-    if not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
     x = self.token_embedding(ids) + self.positional_embedding[:n].astype(self.dtype)
     x, blocks = self.transformer(x)   # no causal mask (open_clip no_causal_mask=True, HF, big_vision)
     x = self.ln_final(x)
-    pooled = x[..., -1, :]            # pool_type 'last' (pad ids to the context length, as the references)
-    emb = pooled @ self.text_projection.astype(self.dtype) + self.text_projection_bias.astype(self.dtype)
+    emb = self.project(x[..., -1, :])  # pool_type 'last' (pad ids to the context length, as the references)
     eot = jnp.full(ids.shape[:-1], n - 1, jnp.int32)
-    return emb.astype(acc_dtype(self.dtype)), {"blocks": blocks, "tokens": x, "eot": eot}
+    return emb, {"blocks": blocks, "tokens": x, "eot": eot}
+
+  def project(self, pooled):
+    """ln_final'ed pooled row [.., W] -> embedding [.., E] (un-normalised): the projection with its bias."""
+    emb = pooled @ self.text_projection.astype(self.dtype) + self.text_projection_bias.astype(self.dtype)
+    return emb.astype(acc_dtype(self.dtype))
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
@@ -275,10 +288,38 @@ class SigLIP(nn.Module):
     return out, {"image": img_aux, "text": txt_aux}
 
 
+def run_blocks(tower_params, tower_cfg, cfg: CLIPConfig, start: int, x):
+  """Blocks ``start .. layers-1`` of a SigLIP tower (``params['visual']`` / ``params['text']``, its
+  ``cfg.vision`` / ``cfg.text``) on x [.., N, W]: the linen block with the model's LayerNorm eps and
+  no mask (neither SigLIP tower is causal)."""
+  block = ResidualAttentionBlock(tower_cfg.heads, tower_cfg.mlp_ratio, cfg.act, dtype_of(cfg.dtype),
+                                 ln_eps=options(cfg)["ln_eps"])
+  for i in range(start, tower_cfg.layers):
+    x, _ = block.apply({"params": tower_params["transformer"][f"block_{i}"]}, x)
+  return x
+
+
+def image_from_block(params, cfg: CLIPConfig, layer: int, x):
+  """The image embedding [.., E] (un-normalised, as ``encode_image``) from the output x [.., N, W] of
+  block ``layer``: the blocks after it, ln_post on every token, the MAP head (it attends over all of
+  them) and the image head if any. M2IB's bottleneck sits there (attribution/m2ib.py)."""
+  x = run_blocks(params["visual"], cfg.vision, cfg, layer + 1, x)
+  return SigLIP(cfg).apply({"params": params}, x, method=lambda m, t: m.visual.head(m.visual.ln_post(t))[0])
+
+
+def text_from_block(params, cfg: CLIPConfig, layer: int, x):
+  """The text embedding [.., E] (un-normalised, as ``encode_text``) from the output x [.., L, W] of
+  block ``layer``: the blocks after it (no causal mask: every position reaches the pooled one),
+  ln_final on the LAST row, the projection with its bias."""
+  x = run_blocks(params["text"], cfg.text, cfg, layer + 1, x)
+  return SigLIP(cfg).apply({"params": params}, x, method=lambda m, t: m.text.project(m.text.ln_final(t[..., -1, :])))
+
+
 def pair_logit(params, cos):
   """SigLIP's logit of a pair from its cosine: exp(logit_scale) * cos + logit_bias (params: the model's)."""
   return jnp.exp(params["logit_scale"]) * cos + params["logit_bias"]
 
 
 __all__ = ["SigLIP", "SigLIPVision", "SigLIPText", "MAPHead", "make_config", "options", "is_siglip",
-           "pair_logit", "KIND", "POOL_PATH", "LN_EPS"]
+           "pair_logit", "run_blocks", "image_from_block", "text_from_block", "KIND", "POOL_PATH", "LN_EPS",
+           "IMAGE_MEAN", "IMAGE_STD"]

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from trace_jax.losses.amc import amc_loss
-from trace_jax.losses.contrastive import clip_contrastive_loss
-from trace_jax.losses.sigmoid import sigmoid_loss_chunked
-from trace_jax.losses.local_alignment import local_alignment_forward, local_alignment_total
+from trace_jax.losses.local_alignment import (GLOBAL_LOSSES, global_term, local_alignment_forward,
+                                              local_alignment_total)
 from trace_jax.models import build
 from trace_jax.models import text_compression as tc_lib
 from trace_jax.models.layers import dtype_of
@@ -27,8 +26,8 @@ from trace_jax.objectives.base import Task, model_config
 # phrase-box batch itself (notes/amc-and-local-alignment.md §6): --config.loss.global_texts=phrase
 # reproduces that (docs/training.md, "AMC: deviations").
 GLOBAL_TEXTS = ("caption", "phrase", "caption+phrase")
-# config.loss.global_loss: CLIP's softmax InfoNCE or SigLIP's sigmoid loss (trace_jax/losses/sigmoid.py).
-GLOBAL_LOSSES = ("softmax", "sigmoid")
+# config.loss.global_loss: CLIP's softmax InfoNCE or SigLIP's sigmoid loss (trace_jax/losses/sigmoid.py),
+# the global term of all three objectives (losses/local_alignment.global_term).
 
 
 def amc_defaults() -> ml_collections.ConfigDict:
@@ -74,9 +73,6 @@ def make_clip_task(config, info: dict, init=None) -> Task:
   if global_kind == "sigmoid" and cfg.vision.kind != "siglip":
     raise ValueError("loss.global_loss=sigmoid needs a SigLIP model (a learnable logit bias): "
                      f"this model's image tower is {cfg.vision.kind!r}; use a 'ViT-*-SigLIP*' / 'siglip-*' preset")
-  if global_kind == "sigmoid" and name == "local_alignment":
-    raise ValueError("loss.global_loss=sigmoid is not wired into local_alignment's global term yet; "
-                     "use contrastive or amc")
   compressor = make_compressor(config, cfg) if name == "local_alignment" else None
   heads = {"text_compression": tc_lib.to_meta(compressor, cfg.dtype)} if compressor is not None else {}
   s, L = cfg.vision.image_size, cfg.text.context_length
@@ -95,10 +91,8 @@ def make_clip_task(config, info: dict, init=None) -> Task:
     for key in {"caption": ["caption_ids"], "phrase": ["phrase_ids"],
                 "caption+phrase": ["caption_ids", "phrase_ids"]}[config.loss.global_texts]:
       txt, _ = model.apply({"params": clip_params}, batch[key], method="encode_text")
-      if global_kind == "sigmoid":  # SigLIP: chunked over the batch shards (trace_jax/losses/sigmoid.py)
-        losses.append(sigmoid_loss_chunked(img, txt, clip_params["logit_scale"], clip_params["logit_bias"]))
-      else:
-        losses.append(clip_contrastive_loss(img, txt, clip_params["logit_scale"]))
+      # SigLIP's sigmoid loss is chunked over the batch shards (trace_jax/losses/sigmoid.py)
+      losses.append(global_term(global_kind, img, txt, clip_params["logit_scale"], clip_params.get("logit_bias")))
     return sum(losses) / len(losses)
 
   def loss_fn(params, batch, rng):
@@ -116,7 +110,8 @@ def make_clip_task(config, info: dict, init=None) -> Task:
       return l_glob + l_amc, {"global": l_glob, "amc": l_amc, **m}
     lc = config.loss.local
     fwd = local_alignment_forward(model, compressor, params, batch["image"], batch["caption_ids"])
-    l, m = local_alignment_total(fwd, lambda_global=lc.lambda_global, lambda_local=lc.lambda_local)
+    l, m = local_alignment_total(fwd, lambda_global=lc.lambda_global, lambda_local=lc.lambda_local,
+                                 global_loss=global_kind)
     return l, m
 
   return Task(cfg, model, compressor, init_params, loss_fn, heads)

@@ -140,10 +140,11 @@ class Engine:
     return _decode_upload(data, what, "RGB")
 
   def model_input(self, rgb: np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] -> float32 [1, S, S, 3]: squashed to the model's size, CLIP-normalised."""
+    """uint8 [H, W, 3] -> float32 [1, S, S, 3]: squashed to the model's size, normalised for its tower."""
     from PIL import Image
     from trace_jax.data.preprocess import normalize, resize_image
-    return normalize(np.asarray(resize_image(Image.fromarray(rgb), self.size, "squash")))[None]
+    return normalize(np.asarray(resize_image(Image.fromarray(rgb), self.size, "squash")),
+                     getattr(self.cfg.vision, "kind", "vit"))[None]   # SigLIP: [-1, 1]
 
   def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """int32 [T, L] ids and the warnings of tokenizing them (unknown words, truncation)."""

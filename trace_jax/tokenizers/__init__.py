@@ -1,7 +1,9 @@
-"""Tokenizers: CLIP byte-level BPE (transformers / openai parity) and a word-level one for synthetic data.
+"""Tokenizers: CLIP byte-level BPE (transformers / openai parity), SigLIP's SentencePiece and a
+word-level one for synthetic data.
 
 ``load_tokenizer(model_dir)`` finds the tokenizer files of a model directory (model_dir.py layout:
-``model_dir/tokenizer/``), in this order: ``words.json`` (WordTokenizer), ``vocab.json`` + ``merges.txt``
+``model_dir/tokenizer/``), in this order: ``words.json`` (WordTokenizer), ``spiece.model`` (or
+``tokenizer.model`` / ``sentencepiece.model``: SentencePieceTokenizer), ``vocab.json`` + ``merges.txt``
 (CLIP BPE, Hugging Face layout), one ``*.txt.gz`` (OpenAI-style BPE merges).
 """
 from __future__ import annotations
@@ -12,12 +14,14 @@ import os
 
 from trace_jax.tokenizers.clip_bpe import (DEFAULT_CONTEXT_LENGTH, EOT, OPTIONS_FILE, SOT,
                                            CLIPTokenizer, bytes_to_unicode)
+from trace_jax.tokenizers.sentencepiece import SPM_NAMES, SentencePieceTokenizer
 from trace_jax.tokenizers.word import WORDS_FILE, WordTokenizer, build_vocab, split_words
 
-__all__ = ["CLIPTokenizer", "WordTokenizer", "build_vocab", "split_words", "load_tokenizer", "check_one_kind",
-           "bytes_to_unicode", "SOT", "EOT", "DEFAULT_CONTEXT_LENGTH"]
+__all__ = ["CLIPTokenizer", "SentencePieceTokenizer", "WordTokenizer", "build_vocab", "split_words",
+           "load_tokenizer", "check_one_kind", "bytes_to_unicode", "SOT", "EOT", "DEFAULT_CONTEXT_LENGTH"]
 
-_EXPECTED = f"{WORDS_FILE}, vocab.json + merges.txt, or an OpenAI-style *.txt.gz BPE file"
+_EXPECTED = (f"{WORDS_FILE}, a SentencePiece {' / '.join(SPM_NAMES)}, vocab.json + merges.txt, or an "
+             f"OpenAI-style *.txt.gz BPE file")
 
 
 def _read_json(path: str) -> dict:
@@ -47,18 +51,19 @@ def _tokenizer_files_dir(model_dir: str) -> str:
     return sub
   # Also accept a bare tokenizer directory.
   if os.path.isdir(model_dir) and (
-      any(os.path.isfile(os.path.join(model_dir, n)) for n in (WORDS_FILE, "vocab.json", "merges.txt"))
+      any(os.path.isfile(os.path.join(model_dir, n)) for n in (WORDS_FILE, "vocab.json", "merges.txt") + SPM_NAMES)
       or glob.glob(os.path.join(model_dir, "*.txt.gz"))):
     return model_dir
   raise FileNotFoundError(f"{model_dir}: no tokenizer directory {sub} (expected {_EXPECTED} in it)")
 
 
 def check_one_kind(d: str) -> None:
-  """Refuse a tokenizer folder holding files of two kinds (word-level, CLIP BPE vocab.json + merges.txt,
-  OpenAI BPE *.txt.gz): which one the model was trained with cannot be told, and a silent choice
-  would give wrong ids. ValueError names the files."""
+  """Refuse a tokenizer folder holding files of two kinds (word-level, SentencePiece, CLIP BPE
+  vocab.json + merges.txt, OpenAI BPE *.txt.gz): which one the model was trained with cannot be told,
+  and a silent choice would give wrong ids. ValueError names the files."""
   kinds = {
       "word-level": [n for n in (WORDS_FILE,) if os.path.isfile(os.path.join(d, n))],
+      "SentencePiece": [n for n in SPM_NAMES if os.path.isfile(os.path.join(d, n))],
       "CLIP BPE": [n for n in ("vocab.json", "merges.txt") if os.path.isfile(os.path.join(d, n))],
       "OpenAI BPE": sorted(os.path.basename(g) for g in glob.glob(os.path.join(d, "*.txt.gz"))),
   }
@@ -70,11 +75,12 @@ def check_one_kind(d: str) -> None:
 
 
 def load_tokenizer(model_dir: str, context_length: int | None = None
-                   ) -> CLIPTokenizer | WordTokenizer:
+                   ) -> CLIPTokenizer | SentencePieceTokenizer | WordTokenizer:
   """The tokenizer stored with a model directory (or a bare tokenizer directory).
 
   context_length: explicit argument, else the model's ``config.json`` ``text.context_length``, else
-  the tokenizer files' own value (``words.json`` / ``trace_jax_tokenizer.json``), else 77.
+  the tokenizer files' own value (``words.json`` / ``trace_jax_tokenizer.json``), else 77 (64 for
+  SentencePiece, SigLIP's).
   Raises FileNotFoundError when no tokenizer files are present, ValueError naming the file when one
   does not parse and naming the files when the folder holds two kinds (``check_one_kind``).
   """
@@ -88,16 +94,26 @@ def load_tokenizer(model_dir: str, context_length: int | None = None
       tok.context_length = int(ctx)
     return tok
 
+  spm = [os.path.join(d, n) for n in SPM_NAMES if os.path.isfile(os.path.join(d, n))]
+  if len(spm) > 1:
+    raise ValueError(f"{d}: several SentencePiece models, cannot choose: {[os.path.basename(p) for p in spm]}")
+  kind = "sentencepiece" if spm else "clip_bpe"
   kwargs = {}
   opts_path = os.path.join(d, OPTIONS_FILE)
   if os.path.isfile(opts_path):
     opts = _read_json(opts_path)
     unknown = set(opts) - {"type", "context_length", "pad_id", "clean"}
-    if unknown or opts.get("type", "clip_bpe") != "clip_bpe":
-      raise ValueError(f"{opts_path}: unexpected entries {sorted(unknown) or opts.get('type')!r}")
+    if unknown or opts.get("type", kind) != kind:
+      raise ValueError(f"{opts_path}: unexpected entries {sorted(unknown) or opts.get('type')!r} "
+                       f"for a {kind} tokenizer")
     kwargs = {k: opts[k] for k in ("context_length", "pad_id", "clean") if k in opts}
   if ctx is not None:
     kwargs["context_length"] = int(ctx)
+  if spm:
+    try:
+      return SentencePieceTokenizer.from_file(spm[0], **kwargs)
+    except ValueError as e:
+      raise ValueError(str(e) if spm[0] in str(e) else f"{spm[0]}: {e}") from None
 
   vocab, merges = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
   if os.path.isfile(vocab) or os.path.isfile(merges):
@@ -123,9 +139,10 @@ def text_warnings(tokenizer, texts, context_length: int | None = None) -> list[s
     if not isinstance(t, str) or not t.strip():
       raise ValueError(f"text {i + 1} is empty: give a phrase to ground")
     ids = tokenizer.encode(t)
-    if len(ids) > ctx - 2:
-      out.append(f"text {i + 1} {t[:40]!r}... has {len(ids)} tokens; the context holds {ctx - 2}: "
-                 f"the last {len(ids) - (ctx - 2)} were dropped")
+    room = ctx - getattr(tokenizer, "num_special_tokens", 2)  # start + end (CLIP, word); end (SigLIP)
+    if len(ids) > room:
+      out.append(f"text {i + 1} {t[:40]!r}... has {len(ids)} tokens; the context holds {room}: "
+                 f"the last {len(ids) - room} were dropped")
     if isinstance(tokenizer, WordTokenizer):
       unknown = [w for w in split_words(t) if w not in tokenizer.ids]
       if unknown:

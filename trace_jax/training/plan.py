@@ -7,7 +7,8 @@
 ``jax.experimental.topologies.get_topology_desc`` gives the topology's devices; the mesh, the
 parameter / optimiser shardings (``sharding.py`` rules) and the jitted step (``step.py``) are the
 ones a training run builds; the state and batch are ``ShapeDtypeStruct``s carrying their shardings,
-so nothing is allocated. XLA:TPU's ``memory_analysis`` (per chip: arguments, outputs, aliased
+so nothing is allocated (``compile_plan`` does the same for any jitted step: trace_jax/cli/plan.py plans
+the embed / explain / invert programs with it). XLA:TPU's ``memory_analysis`` (per chip: arguments, outputs, aliased
 (donated) buffers, temporaries) and ``cost_analysis`` (per chip: FLOPs, HBM bytes accessed) of the
 compiled SPMD program are read back.
 
@@ -29,7 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 
 from trace_jax.training import accumulate
 from trace_jax.training import mesh as mesh_lib
@@ -131,34 +131,22 @@ def batch_shapes(cfg, batch: int) -> dict:
           "mask_indicator": ((batch,), jnp.float32)}
 
 
-def compile_train_step(task, config, devices, topology_name: str, *, batch: int, mesh_shape=(-1, 1, 1),
-                       microbatches: int = 1, cost_task=None) -> Plan:
-  """Lower + compile the train step of ``task`` for ``devices``; memory and cost per chip.
+def compile_plan(jitted, args: tuple, mesh, topology_name: str, *, batch: int, options: dict,
+                 cost_of=None) -> Plan:
+  """Lower + compile ``jitted(*args)`` (``ShapeDtypeStruct`` args carrying their shardings on ``mesh``)
+  for the topology's chips; per-chip memory and cost (any step: train, embed, explain, invert).
 
-  ``cost_task``: the same objective with ``scan_layers`` off, required when ``task`` scans its
-  blocks. XLA's cost analysis counts a while-loop body once, so the FLOPs / bytes of a plan with
-  ``scan_layers`` or ``microbatches`` M > 1 are M x those of ``cost_task``'s plain step at batch / M
-  (exact for the per-example work; counts the optimiser update M times, negligible at large batch)."""
-  if task.cfg.scan_layers and (cost_task is None or cost_task.cfg.scan_layers):
-    raise ValueError("a scan_layers plan needs cost_task (the same objective with scan_layers off)")
+  ``cost_of``: None (FLOPs / HBM bytes from this program's cost analysis) or a callable returning
+  the (flops, bytes accessed) per chip to use instead (XLA counts a while-loop body once: see
+  ``compile_train_step``); it runs only when the program compiled. An over-HBM program is a plan
+  that does not fit (``compiled`` False, the bytes XLA:TPU said it needs); other errors raise."""
   chip = chip_of(topology_name)
-  spec = CHIPS[chip]
-  mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
-  plan = Plan(topology_name, chip, tuple(int(mesh.shape[a]) for a in mesh_lib.AXES), batch,
-              dict(remat=task.cfg.remat, scan_layers=task.cfg.scan_layers, attention=task.cfg.attention,
-                   dtype=task.cfg.dtype, microbatches=microbatches), False, hbm_bytes=spec["hbm_bytes"])
-  shd.check_batch_size(batch, mesh)
-  accumulate.check_microbatches(batch, microbatches, mesh)
-  trainable = getattr(task, "trainable", None)
-  tx, schedule = state_lib.make_optimizer(config.optim, int(config.train.steps), trainable)
-  shardings = state_lib.state_shardings(task.init_params, tx, mesh, config.seed)
-  state = state_lib.abstract_with_shardings(task.init_params, tx, shardings, config.seed)
-  fn = step_lib.make_train_step(task.loss_fn, tx, schedule, trainable, microbatches=microbatches, mesh=mesh)
-  step = step_lib.jit_train_step(fn, shardings, mesh)   # the loop's jitted step (training/loop.py)
+  plan = Plan(topology_name, chip, tuple(int(mesh.shape[a]) for a in mesh_lib.AXES), batch, dict(options),
+              False, hbm_bytes=CHIPS[chip]["hbm_bytes"])
   t0 = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
-      compiled = step.lower(state, abstract_batch(batch_shapes(task.cfg, batch), mesh)).compile()
+      compiled = jitted.lower(*args).compile()
   except Exception as e:  # noqa: BLE001 - XLA:TPU reports an over-HBM program as a compile error
     plan.compile_s = time.perf_counter() - t0
     oom = _parse_oom(str(e))
@@ -174,22 +162,50 @@ def compile_train_step(task, config, devices, topology_name: str, *, batch: int,
   plan.alias_bytes = float(mem.alias_size_in_bytes)
   plan.temp_bytes = float(mem.temp_size_in_bytes)
   plan.bytes_per_chip = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.temp_bytes
-  if task.cfg.scan_layers or microbatches > 1:
-    plain = compile_train_step(cost_task or task, config, devices, topology_name, batch=batch // microbatches,
-                               mesh_shape=mesh_shape)
-    if not plain.compiled:
-      raise ValueError(f"the unrolled step at batch {batch // microbatches} (for the cost analysis) does not "
-                       f"compile: {plain.error}")
-    plan.flops_per_chip = microbatches * plain.flops_per_chip
-    plan.hbm_accessed_per_chip = microbatches * plain.hbm_accessed_per_chip
-    plan.compile_s += plain.compile_s
-  else:
+  if cost_of is None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     plan.flops_per_chip = float(cost.get("flops", 0.0))
     plan.hbm_accessed_per_chip = float(cost.get("bytes accessed", 0.0))
-  roofline(plan)
-  return plan
+  else:
+    t1 = time.perf_counter()
+    plan.flops_per_chip, plan.hbm_accessed_per_chip = cost_of()
+    plan.compile_s += time.perf_counter() - t1
+  return roofline(plan)
+
+
+def compile_train_step(task, config, devices, topology_name: str, *, batch: int, mesh_shape=(-1, 1, 1),
+                       microbatches: int = 1, cost_task=None) -> Plan:
+  """Lower + compile the train step of ``task`` for ``devices``; memory and cost per chip.
+
+  ``cost_task``: the same objective with ``scan_layers`` off, required when ``task`` scans its
+  blocks. XLA's cost analysis counts a while-loop body once, so the FLOPs / bytes of a plan with
+  ``scan_layers`` or ``microbatches`` M > 1 are M x those of ``cost_task``'s plain step at batch / M
+  (exact for the per-example work; counts the optimiser update M times, negligible at large batch)."""
+  if task.cfg.scan_layers and (cost_task is None or cost_task.cfg.scan_layers):
+    raise ValueError("a scan_layers plan needs cost_task (the same objective with scan_layers off)")
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
+  shd.check_batch_size(batch, mesh)
+  accumulate.check_microbatches(batch, microbatches, mesh)
+  trainable = getattr(task, "trainable", None)
+  tx, schedule = state_lib.make_optimizer(config.optim, int(config.train.steps), trainable)
+  shardings = state_lib.state_shardings(task.init_params, tx, mesh, config.seed)
+  state = state_lib.abstract_with_shardings(task.init_params, tx, shardings, config.seed)
+  fn = step_lib.make_train_step(task.loss_fn, tx, schedule, trainable, microbatches=microbatches, mesh=mesh)
+  step = step_lib.jit_train_step(fn, shardings, mesh)   # the loop's jitted step (training/loop.py)
+  cost_of = None
+  if task.cfg.scan_layers or microbatches > 1:
+    def cost_of():
+      plain = compile_train_step(cost_task or task, config, devices, topology_name, batch=batch // microbatches,
+                                 mesh_shape=mesh_shape)
+      if not plain.compiled:
+        raise ValueError(f"the unrolled step at batch {batch // microbatches} (for the cost analysis) does "
+                         f"not compile: {plain.error}")
+      return microbatches * plain.flops_per_chip, microbatches * plain.hbm_accessed_per_chip
+  options = dict(step="train", remat=task.cfg.remat, scan_layers=task.cfg.scan_layers,
+                 attention=task.cfg.attention, dtype=task.cfg.dtype, microbatches=microbatches)
+  return compile_plan(step, (state, abstract_batch(batch_shapes(task.cfg, batch), mesh)), mesh, topology_name,
+                      batch=batch, options=options, cost_of=cost_of)
 
 
 def roofline(plan: Plan, flops: float | None = None, accessed: float | None = None) -> Plan:

@@ -4,19 +4,24 @@ Model parameters carry logical names through ``nn.with_logical_partitioning`` (t
 layers.py): ``embed`` (model width), ``mlp`` (MLP hidden), ``heads``, ``kv`` (head dim), ``vocab``.
 FSDP: ``embed`` is split over 'fsdp' (every large matrix has one embed axis); 'tensor' splits the
 MLP hidden, heads and vocabulary axes when it is > 1 (Megatron-style). Activations' batch axis is
-split over ('data', 'fsdp').
+split over ('data', 'fsdp'): the batch of the jitted step's arguments (``batch_sharding``) and, inside
+the model, the tokens at every block boundary (``models/scale.constrain_batch`` reads the 'batch'
+rule while ``activation_rules`` is entered, as the train step does).
 
 A dimension not divisible by its mesh axes is replicated instead (e.g. a width-3 axis on fsdp=4),
 and a mesh axis is used at most once per array.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trace_jax.models import scale as model_scale
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -72,6 +77,19 @@ def logical_shardings(abstract_boxed: Any, mesh, rules=LOGICAL_AXIS_RULES) -> An
       spec, shape = P(), x.shape
     return NamedSharding(mesh, _fit(spec, tuple(shape), mesh))
   return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+@contextlib.contextmanager
+def activation_rules(mesh=None):
+  """Trace a model under the rule table: its activation constraints (``models/scale.constrain_batch``)
+  then pin the batch axis to ('data', 'fsdp'). ``mesh``: used when no mesh context is set (a jitted
+  step traced outside ``jax.set_mesh``); without either the constraints stay no-ops."""
+  with model_scale.activation_rules(LOGICAL_AXIS_RULES):
+    if mesh is not None and jax.sharding.get_abstract_mesh().empty:
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
+    else:
+      yield
 
 
 def replicated(mesh) -> NamedSharding:

@@ -40,9 +40,11 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, schedul
 
   def train_step(state: TrainState, batch: dict):
     rng, sub = jax.random.split(state.rng)
-    # microbatches > 1: gradient accumulation under lax.scan (training/accumulate.py; 1 = the plain call)
-    (loss, metrics), grads = accumulate.value_and_grad(objective, state.params, batch, sub,
-                                                       microbatches=microbatches, mesh=mesh)
+    # microbatches > 1: gradient accumulation under lax.scan (training/accumulate.py; 1 = the plain call);
+    # activation_rules: the model's block-boundary tokens stay split over the batch (sharding.py)
+    with shd.activation_rules(mesh):
+      (loss, metrics), grads = accumulate.value_and_grad(objective, state.params, batch, sub,
+                                                         microbatches=microbatches, mesh=mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = clamp_log_scales(optax.apply_updates(state.params, updates))
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""The #18 table of benchmarks/RESULTS.md: compiled TPU plans (``trace-jax plan``) of CLIP training steps.
+
+    nice -n 15 python benchmarks/plan_table.py [--budget-s 1800] [--rows 0,1,4] [--search] \
+        [--cache benchmarks/plan_table.jsonl]
+
+Rows: ViT-B/16, ViT-L/14, ViT-H/14 CLIP x contrastive / AMC x v5e-256 (v5e:16x16, 256 chips) / v5p-128
+(v5p:4x4x4: 64 chips, 128 TensorCores; v5p slice names count cores), global batch 32768, bfloat16
+compute, remat=block, explicit attention, mesh 1 x chips x 1 (every chip an fsdp shard). Each row is
+one compile of the real train step (training/plan.py; minutes on a 2-core host), appended to the cache
+as soon as it is done, so a re-run skips the rows it has; ``--budget-s`` starts no new row after that
+many seconds. ``--search`` then runs ``trace-jax plan --search`` (cli/plan.search) over a narrow space
+(``SEARCH``) for the rows that have a plan, and records the fastest plan that fits. Prints the Markdown
+table (rows not run say so). Compiled estimates, not measurements (docs/scale.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BATCH = 32768
+TOPOLOGIES = {"v5e-256": "v5e:16x16", "v5p-128": "v5p:4x4x4"}
+PRESETS = {"ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14", "ViT-H/14": "ViT-H-14"}
+CONFIGS = {"contrastive": "configs/contrastive.py", "AMC": "configs/amc.py"}
+# Order: the ViT-B/16 rows, then the issue's goal (ViT-L/14 + AMC on v5e-256), then the rest.
+ROWS = [("ViT-B/16", "contrastive", "v5e-256"), ("ViT-B/16", "AMC", "v5e-256"),
+        ("ViT-B/16", "contrastive", "v5p-128"), ("ViT-B/16", "AMC", "v5p-128"),
+        ("ViT-L/14", "AMC", "v5e-256"), ("ViT-L/14", "contrastive", "v5e-256"),
+        ("ViT-L/14", "contrastive", "v5p-128"), ("ViT-L/14", "AMC", "v5p-128"),
+        ("ViT-H/14", "contrastive", "v5e-256"), ("ViT-H/14", "AMC", "v5e-256"),
+        ("ViT-H/14", "contrastive", "v5p-128"), ("ViT-H/14", "AMC", "v5p-128")]
+TOOL = dict(remat="block", attention="explicit", microbatches=1)
+# --search: fsdp-heavy meshes (pure fsdp, and data x 16-way fsdp) x the two remat policies that save most
+SEARCH = dict(remats=("block", "dots_with_no_batch_dims_saveable"), attentions=("explicit",), microbatches=(1,))
+
+
+def _sets(preset: str) -> list[str]:
+  return [f"model.preset={PRESETS[preset]}", "model.image_size=224", "model.dtype=bfloat16"]
+
+
+def _key(row) -> str:
+  return " | ".join(row)
+
+
+def _load(cache: str) -> dict:
+  out = {}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      for line in f:
+        try:
+          r = json.loads(line)
+        except ValueError:   # a line cut by a kill mid-write
+          continue
+        out[(r["key"], r["kind"])] = r
+  return out
+
+
+def _append(cache: str, rec: dict) -> None:
+  with open(cache, "a") as f:
+    f.write(json.dumps(rec) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _cell(p: dict | None) -> list[str]:
+  if p is None:
+    return ["not run"] * 4
+  gib = p["bytes_per_chip"] / 2 ** 30
+  if not p["compiled"]:
+    return ["no", f">= {gib:.1f}", "—", "—"]
+  return ["yes" if p["fits"] else "no", f"{gib:.2f}", f"{p['step_time_s'] * 1e3:.0f}", f"{100 * p['mfu_bound']:.1f}"]
+
+
+def markdown(done: dict) -> str:
+  head = ("| model | objective | slice | fits | GiB / chip | est. step (ms) | MFU bound (%) | compile (s) "
+          "| best plan `--search` found |\n|---|---|---|---|---|---|---|---|---|")
+  lines = [head]
+  for row in ROWS:
+    p = done.get((_key(row), "plan"))
+    s = done.get((_key(row), "search"))
+    p = p and p["plan"]
+    if s is None:
+      best = "not run"
+    elif s["best"] is None:
+      best = f"none of {s['n']} fit"
+    else:
+      b = s["best"]
+      best = (f"mesh {'x'.join(map(str, b['mesh']))} remat={b['options']['remat']}: {b['step_time_s'] * 1e3:.0f} ms, "
+              f"MFU<={100 * b['mfu_bound']:.1f} %, {b['bytes_per_chip'] / 2 ** 30:.2f} GiB ({s['n']} plans)")
+    lines.append("| " + " | ".join(list(row) + _cell(p) + [f"{p['compile_s']:.0f}" if p else "—", best]) + " |")
+  return "\n".join(lines)
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "plan_table.jsonl"))
+  ap.add_argument("--budget-s", type=float, default=1800.0, help="start no new compile after this many s")
+  ap.add_argument("--rows", default=None, help="comma-separated row indices of ROWS (default: all, in order)")
+  ap.add_argument("--search", action="store_true", help="also --search each row that has a plan")
+  args = ap.parse_args()
+  from trace_jax.cli import plan as cli
+  from trace_jax.training import plan as plan_lib
+  rows = [ROWS[int(i)] for i in args.rows.split(",")] if args.rows else ROWS
+  done = _load(args.cache)
+  t0 = time.perf_counter()
+  devices = {}
+  for row in rows:
+    if (_key(row), "plan") in done:
+      continue
+    if time.perf_counter() - t0 > args.budget_s:
+      print(f"budget spent: {_key(row)} not run", file=sys.stderr)
+      continue
+    preset, objective, sl = row
+    topo = TOPOLOGIES[sl]
+    devs = devices.setdefault(topo, plan_lib.topology(topo))
+    p = cli.plan_train(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH,
+                       mesh=(1, len(devs), 1), tool=TOOL)
+    print(_key(row), "\n", plan_lib.format_plan(p), flush=True)
+    rec = {"key": _key(row), "kind": "plan", "plan": p.row()}
+    _append(args.cache, rec)
+    done[(_key(row), "plan")] = rec
+  if args.search:
+    for row in rows:
+      if (_key(row), "plan") not in done or (_key(row), "search") in done:
+        continue
+      if time.perf_counter() - t0 > args.budget_s:
+        print(f"budget spent: search of {_key(row)} not run", file=sys.stderr)
+        continue
+      preset, objective, sl = row
+      topo = TOPOLOGIES[sl]
+      devs = devices.setdefault(topo, plan_lib.topology(topo))
+      n = len(devs)
+      plans, fit = cli.search(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH,
+                              meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH,
+                              on_plan=lambda p: print(plan_lib.format_plan(p), flush=True))
+      rec = {"key": _key(row), "kind": "search", "n": len(plans), "best": fit[0].row() if fit else None}
+      _append(args.cache, rec)
+      done[(_key(row), "search")] = rec
+  print(markdown(done))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
