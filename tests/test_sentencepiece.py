@@ -129,3 +129,19 @@ def test_save_load_through_model_dir_and_errors(spm_file, hf, tmp_path):
   (opts / "trace_jax_tokenizer.json").write_text('{"type": "clip_bpe"}')
   with pytest.raises(ValueError, match="for a sentencepiece tokenizer"):
     load_tokenizer(str(tmp_path / "o"))
+
+
+def test_token_strip_positions_for_sentencepiece_rows(spm_file):
+  """SigLIP rows have no start token: the text's tokens are positions 0 .. n-1, the end token at n (it
+  also pads). The CLI strip and the serve page's token scores read exactly those positions."""
+  from trace_jax.serve.engine import token_scores
+  from trace_jax.tokenizers import SentencePieceTokenizer, text_span, token_strings
+  tok = SentencePieceTokenizer.from_file(spm_file, context_length=32)
+  text = "a small cat sits on the mat"
+  ids = tok.encode(text)
+  row = tok([text])[0]
+  assert text_span(tok, row) == (0, len(ids))
+  assert token_strings(tok, text, row) == [t.strip() or "·" for t in tok.tokens_of(text)][:len(ids)]
+  attr = np.arange(32, dtype=np.float64)[::-1]            # decreasing: the first token scores highest
+  pairs = token_scores(tok, text, row, attr)
+  assert len(pairs) == len(ids) and abs(pairs[0][1] - 1) < 1e-6 and abs(pairs[-1][1]) < 1e-9

@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from trace_jax.cli import common
+from trace_jax.tokenizers import text_scores, token_strings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   from trace_jax.attribution.api import METHODS
@@ -69,41 +70,6 @@ def parse_settings(items) -> dict:
       val = v
     out[k] = tuple(val) if isinstance(val, list) else val
   return out
-
-
-def _text_span(tok, ids_row) -> tuple[int, int]:
-  """Row positions [start, stop) of the text's own tokens: between the start token and the end token
-  (the largest id) for CLIP BPE / word ids; from 0 to the first end token for SigLIP's SentencePiece
-  rows (no start token; the end id also pads them)."""
-  if getattr(tok, "num_special_tokens", 2) == 1:
-    hits = np.flatnonzero(np.asarray(ids_row) == tok.eot_id)
-    return 0, int(hits[0]) if hits.size else len(ids_row)
-  return 1, int(np.argmax(ids_row))
-
-
-def _token_strings(tok, text, ids_row) -> list[str]:
-  """Strings of the tokens at the row positions of ``_text_span`` (between start and end tokens)."""
-  start, stop = _text_span(tok, ids_row)
-  n = max(stop - start, 0)
-  if tok is not None and text is not None:
-    if hasattr(tok, "tokens_of"):
-      s = [t.strip() or "·" for t in tok.tokens_of(text)]
-    elif hasattr(tok, "words_of"):
-      s = list(tok.words_of(text))
-    else:
-      s = []
-    if len(s) >= n:
-      return s[:n]
-  return [str(int(i)) for i in ids_row[start:start + n]]
-
-
-def _text_scores(text_attr, ids_row, tok=None) -> np.ndarray:
-  start, stop = _text_span(tok, ids_row)
-  v = np.asarray(text_attr, np.float64)[start:stop]
-  if v.size == 0:
-    return v
-  lo, hi = v.min(), v.max()
-  return (v - lo) / (hi - lo + 1e-7)
 
 
 class Runner:
@@ -167,9 +133,9 @@ def _overlays(runner, images, ids, texts, out, alpha, originals=None):
     pic = ov.overlay(img, heat, alpha=alpha)
     if "text" in out and out["text"].ndim == 2:
       row = ids[0] if ids.shape[0] == 1 else ids[p]
-      toks = _token_strings(runner.tok, texts[p] if texts else None, row)
+      toks = token_strings(runner.tok, texts[p] if texts else None, row)
       if toks:
-        strip = ov.text_tokens_image(toks, _text_scores(out["text"][p], row, runner.tok),
+        strip = ov.text_tokens_image(toks, text_scores(out["text"][p], row, runner.tok),
                                      width=max(img.shape[1], 240))
         pic = ov.stack_vertical([pic, strip])
     pics.append(pic)

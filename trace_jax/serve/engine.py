@@ -77,30 +77,13 @@ def _decode_upload(data: bytes, what: str, mode: str) -> np.ndarray:
   return pixels
 
 
-def token_scores(tokenizer, text: str, ids_row: np.ndarray, attr: np.ndarray,
-                 valid: np.ndarray | None = None) -> list[tuple[str, float]]:
-  """(token string, attribution in [0, 1]) for the tokens between start and end of one text row.
-
-  The attributions are min-max normalised over those tokens (as the CLI's coloured token strip,
-  trace_jax/cli/explain.py); token strings come from the tokenizer (``tokens_of`` for BPE,
-  ``words_of`` for the word tokenizer), else the ids.
-  """
-  ids_row = np.asarray(ids_row)
-  if valid is not None:
-    pos = np.flatnonzero(np.asarray(valid))[1:-1]  # start .. end are valid: drop those two
-  else:
-    pos = np.arange(1, int(np.argmax(ids_row)))    # the end token has the largest id
-  strings: list[str] = []
-  if hasattr(tokenizer, "tokens_of"):
-    strings = [t.strip() or "·" for t in tokenizer.tokens_of(text)]
-  elif hasattr(tokenizer, "words_of"):
-    strings = list(tokenizer.words_of(text))
-  if len(strings) < len(pos):
-    strings = [str(int(i)) for i in ids_row[pos]]
-  v = np.asarray(attr, np.float64)[pos]
-  if v.size:
-    v = (v - v.min()) / (v.max() - v.min() + 1e-7)
-  return [(s, float(x)) for s, x in zip(strings, v)]
+def token_scores(tokenizer, text: str, ids_row: np.ndarray, attr: np.ndarray) -> list[tuple[str, float]]:
+  """(token string, attribution in [0, 1]) for the text's own tokens of one row (between start and end
+  for CLIP BPE / word rows, before the end token for SentencePiece rows), min-max normalised over
+  them: the CLI's coloured token strip (``tokenizers.token_strings`` / ``text_scores``)."""
+  from trace_jax.tokenizers import text_scores, token_strings
+  return [(t, float(x)) for t, x in zip(token_strings(tokenizer, text, ids_row),
+                                        text_scores(attr, ids_row, tokenizer))]
 
 
 class Engine:
@@ -221,9 +204,7 @@ class Engine:
       res["overlays"][m] = [png_bytes(ov.overlay(rgb, ov.map_to_image(out["map"][p], rgb.shape[:2], "squash"),
                                                  alpha=self.alpha)) for p in range(P)]
       if "text" in out and out["text"].ndim == 2:
-        valid = out.get("text_valid")
-        res["tokens"][m] = [token_scores(self.tokenizer, phrases[p], ids[p], out["text"][p],
-                                         None if valid is None else valid[p]) for p in range(P)]
+        res["tokens"][m] = [token_scores(self.tokenizer, phrases[p], ids[p], out["text"][p]) for p in range(P)]
       for k, v in out.items():
         if isinstance(v, np.ndarray) and v.dtype != object:
           res["arrays"][f"{m}_{k}"] = v

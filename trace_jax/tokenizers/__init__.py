@@ -12,6 +12,8 @@ import glob
 import json
 import os
 
+import numpy as np
+
 from trace_jax.tokenizers.clip_bpe import (DEFAULT_CONTEXT_LENGTH, EOT, OPTIONS_FILE, SOT,
                                            CLIPTokenizer, bytes_to_unicode)
 from trace_jax.tokenizers.sentencepiece import SPM_NAMES, SentencePieceTokenizer
@@ -154,3 +156,41 @@ def text_warnings(tokenizer, texts, context_length: int | None = None) -> list[s
       if lost:
         out.append(f"text {i + 1}: characters the tokenizer drops: {''.join(lost)!r}")
   return out
+
+
+# ---------------------------------------------------------------- a row's own tokens (token strips)
+
+def text_span(tok, ids_row) -> tuple[int, int]:
+  """Row positions [start, stop) of the text's own tokens: between the start token and the end token
+  (the largest id) for CLIP BPE / word ids; from 0 to the first end token for SigLIP's SentencePiece
+  rows (no start token; the end id also pads them)."""
+  if getattr(tok, "num_special_tokens", 2) == 1:
+    hits = np.flatnonzero(np.asarray(ids_row) == tok.eot_id)
+    return 0, int(hits[0]) if hits.size else len(ids_row)
+  return 1, int(np.argmax(ids_row))
+
+
+def token_strings(tok, text, ids_row) -> list[str]:
+  """Strings of the tokens at the row positions of ``text_span`` (between start and end tokens)."""
+  start, stop = text_span(tok, ids_row)
+  n = max(stop - start, 0)
+  if tok is not None and text is not None:
+    if hasattr(tok, "tokens_of"):
+      s = [t.strip() or "·" for t in tok.tokens_of(text)]
+    elif hasattr(tok, "words_of"):
+      s = list(tok.words_of(text))
+    else:
+      s = []
+    if len(s) >= n:
+      return s[:n]
+  return [str(int(i)) for i in ids_row[start:start + n]]
+
+
+def text_scores(text_attr, ids_row, tok=None) -> np.ndarray:
+  """A text map's values at the ``text_span`` positions, min-max normalised over them (float64)."""
+  start, stop = text_span(tok, ids_row)
+  v = np.asarray(text_attr, np.float64)[start:stop]
+  if v.size == 0:
+    return v
+  lo, hi = v.min(), v.max()
+  return (v - lo) / (hi - lo + 1e-7)
