@@ -110,38 +110,36 @@ def main() -> int:
   done = _load(args.cache)
   t0 = time.perf_counter()
   devices = {}
-  for row in rows:
-    if (_key(row), "plan") in done:
-      continue
-    if time.perf_counter() - t0 > args.budget_s:
-      print(f"budget spent: {_key(row)} not run", file=sys.stderr)
-      continue
-    preset, objective, sl = row
-    topo = TOPOLOGIES[sl]
-    devs = devices.setdefault(topo, plan_lib.topology(topo))
-    p = cli.plan_train(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH,
-                       mesh=(1, len(devs), 1), tool=TOOL)
-    print(_key(row), "\n", plan_lib.format_plan(p), flush=True)
-    rec = {"key": _key(row), "kind": "plan", "plan": p.row()}
-    _append(args.cache, rec)
-    done[(_key(row), "plan")] = rec
-  if args.search:
+
+  def pending(kind):
+    """(row, config path, devices, topology) of each row still without a ``kind`` record, while the
+    compile budget lasts (a search needs the row's plan first); records what it skips."""
     for row in rows:
-      if (_key(row), "plan") not in done or (_key(row), "search") in done:
+      if (_key(row), kind) in done or (kind == "search" and (_key(row), "plan") not in done):
         continue
       if time.perf_counter() - t0 > args.budget_s:
-        print(f"budget spent: search of {_key(row)} not run", file=sys.stderr)
+        print(f"budget spent: {kind} of {_key(row)} not run", file=sys.stderr)
         continue
       preset, objective, sl = row
       topo = TOPOLOGIES[sl]
-      devs = devices.setdefault(topo, plan_lib.topology(topo))
+      yield row, os.path.join(ROOT, CONFIGS[objective]), devices.setdefault(topo, plan_lib.topology(topo)), topo
+
+  def record(row, rec):
+    rec = {"key": _key(row), **rec}
+    _append(args.cache, rec)
+    done[(_key(row), rec["kind"])] = rec
+
+  for row, config, devs, topo in pending("plan"):
+    p = cli.plan_train(config, _sets(row[0]), devs, topo, batch=BATCH, mesh=(1, len(devs), 1), tool=TOOL)
+    print(_key(row), "\n", plan_lib.format_plan(p), flush=True)
+    record(row, {"kind": "plan", "plan": p.row()})
+  if args.search:
+    for row, config, devs, topo in pending("search"):
       n = len(devs)
-      plans, fit = cli.search(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH,
+      plans, fit = cli.search(config, _sets(row[0]), devs, topo, batch=BATCH,
                               meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH,
                               on_plan=lambda p: print(plan_lib.format_plan(p), flush=True))
-      rec = {"key": _key(row), "kind": "search", "n": len(plans), "best": fit[0].row() if fit else None}
-      _append(args.cache, rec)
-      done[(_key(row), "search")] = rec
+      record(row, {"kind": "search", "n": len(plans), "best": fit[0].row() if fit else None})
   print(markdown(done))
   return 0
 

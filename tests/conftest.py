@@ -44,15 +44,32 @@ def rng():
   return np.random.default_rng(0)
 
 
-def save_tiny_word_model(root) -> str:
-  """A random-weight 'tiny' model dir (32 px) with the embedded dataset's word tokenizer, saved under
-  ``root``/model; returns its path."""
+def save_word_model(root, words=None, *, preset: str = "tiny", seed: int = 0, name: str = "model") -> str:
+  """A random-weight ``preset`` model dir with a word tokenizer over ``words`` (default: the embedded
+  dataset's), saved as ``root/name``; returns its path."""
   import jax
-  from trace_jax.data import pipeline
   from trace_jax.model_dir import save_model
   from trace_jax.models import get_config, init_params
-  cfg = get_config("tiny")
-  tok = pipeline.make_tokenizer(cfg.text.context_length)
+  from trace_jax.tokenizers import WordTokenizer
+  cfg = get_config(preset)
+  if words is None:
+    from trace_jax.data import pipeline
+    tok = pipeline.make_tokenizer(cfg.text.context_length)
+  else:
+    tok = WordTokenizer(list(words), cfg.text.context_length)
   cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": tok.vocab_size}))
-  return save_model(str(root / "model"), init_params(cfg, jax.random.PRNGKey(0)), cfg, source="test",
-                    tokenizer_files={"words.json": tok.save(str(root / "words.json"))})
+  return save_model(str(root / name), init_params(cfg, jax.random.PRNGKey(seed)), cfg, source="test",
+                    tokenizer_files={"words.json": tok.save(str(root / f"{name}_words.json"))})
+
+
+def save_tiny_word_model(root) -> str:
+  """The 'tiny' model (32 px) with the embedded dataset's word tokenizer, saved under ``root``/model."""
+  return save_word_model(root)
+
+
+def clip_bpe(context_length: int = 77):
+  """The CLIP BPE tokenizer of open_clip 2.23.0's own vocabulary file (49,408 tokens)."""
+  open_clip = require_peer("open_clip", "open_clip_torch")
+  from trace_jax.tokenizers import CLIPTokenizer
+  return CLIPTokenizer.from_bpe_gz(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"),
+                                   context_length=context_length)

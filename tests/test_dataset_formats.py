@@ -219,16 +219,8 @@ WORDS = ["a", "photo", "of", "dog", "person", "cup", "aeroplane", "bicycle", "bi
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   """The tiny ViT (32 px, patch 8) with a word tokenizer, saved as a model dir."""
-  import jax
-  from trace_jax.model_dir import save_model
-  from trace_jax.models import get_config, init_params
-  from trace_jax.tokenizers import WordTokenizer
-  root = tmp_path_factory.mktemp("model")
-  cfg = get_config("tiny")
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
-  params = init_params(cfg, jax.random.PRNGKey(1))
-  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words.json"))
-  return save_model(str(root / "m"), params, cfg, source="test", tokenizer_files={"words.json": words})
+  from conftest import save_word_model
+  return save_word_model(tmp_path_factory.mktemp("model"), WORDS, seed=1, name="m")
 
 
 @pytest.mark.slow

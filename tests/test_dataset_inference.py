@@ -283,17 +283,12 @@ WORDS = ["a", "red", "cube", "blue", "ball", "on", "the", "left"]
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory, tiny):
+def dataset_dir(tmp_path_factory):
   """A model dir (tiny + word tokenizer), 4 images + one unreadable file, masks (one empty)."""
   from PIL import Image
-  from trace_jax.model_dir import save_model
-  from trace_jax.tokenizers import WordTokenizer
-  cfg, params, _ = tiny
+  from conftest import save_word_model
   root = tmp_path_factory.mktemp("ds")
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
-  params = init_params(cfg, jax.random.PRNGKey(1))
-  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words.json"))
-  d = save_model(str(root / "model"), params, cfg, source="test", tokenizer_files={"words.json": words})
+  d = save_word_model(root, WORDS, seed=1)   # the `tiny` preset
   rng = np.random.default_rng(0)
   (root / "imgs").mkdir()
   for i in range(4):
@@ -415,14 +410,9 @@ def test_cli_explain_and_embed_dataset(dataset_dir):
 @pytest.fixture(scope="module")
 def crate_dir(dataset_dir):
   """The tiny CRATE-tower dual encoder (crate-clip-tiny) with the word tokenizer, as a model dir."""
-  from trace_jax.model_dir import save_model
-  from trace_jax.tokenizers import WordTokenizer
+  from conftest import save_word_model
   root, _ = dataset_dir
-  cfg = get_config("crate-clip-tiny")
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
-  params = init_params(cfg, jax.random.PRNGKey(2))
-  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words_crate.json"))
-  return save_model(str(root / "crate_model"), params, cfg, source="test", tokenizer_files={"words.json": words})
+  return save_word_model(root, WORDS, preset="crate-clip-tiny", seed=2, name="crate_model")
 
 
 @pytest.mark.slow

@@ -41,15 +41,8 @@ WORDS = ["a", "red", "cube"]
 
 
 def _model_dir(root) -> str:
-  import jax
-  from trace_jax.model_dir import save_model
-  from trace_jax.models import get_config, init_params
-  from trace_jax.tokenizers import WordTokenizer
-  cfg = get_config("tiny")
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
-  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words.json"))
-  return save_model(str(root / "model"), init_params(cfg, jax.random.PRNGKey(0)), cfg, source="test",
-                    tokenizer_files={"words.json": words})
+  from conftest import save_word_model
+  return save_word_model(root, WORDS)
 
 
 def _boxes(k, hw, rng):

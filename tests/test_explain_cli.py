@@ -9,21 +9,15 @@ import numpy as np
 import pytest
 
 from trace_jax.cli import main
-from trace_jax.models import get_config, init_params
 
 WORDS = ["a", "red", "cube", "blue", "ball", "on", "the", "left"]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-  from trace_jax.model_dir import save_model
-  from trace_jax.tokenizers import WordTokenizer
+  from conftest import save_word_model
   root = tmp_path_factory.mktemp("explain")
-  cfg = get_config("tiny")
-  cfg = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "vocab_size": len(WORDS) + 4}))
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  words = WordTokenizer(WORDS, cfg.text.context_length).save(str(root / "words.json"))
-  d = save_model(str(root / "model"), params, cfg, source="test", tokenizer_files={"words.json": words})
+  d = save_word_model(root, WORDS)
   from PIL import Image
   rng = np.random.default_rng(0)
   for i in range(3):

@@ -183,3 +183,24 @@ def test_m2ib_and_invert_commands_on_the_siglip_dir(setup, md):
   want = invert(loaded.model, loaded.params, loaded.images([str(root / "img.png")], None, "squash")[0],
                 (mask / 255.0).astype(np.float32), steps=3, lr=0.5, empty_ids=tok(["a photo of a"])[0])
   np.testing.assert_allclose(inv["lets"], np.asarray(want["lets"]), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_serve_engine_on_the_siglip_dir(setup, md):
+  """The serve page's engine on a SigLIP dir: LeGrad with the authors' empty-prompt correction (ids of
+  'a photo of a' from the dir's tokenizer) equals the API, and invert runs with the same correction."""
+  from PIL import Image
+  from trace_jax import model_dir
+  from trace_jax.attribution import explain
+  from trace_jax.serve.engine import Engine
+  root, _ = setup
+  eng = Engine(md)
+  with Image.open(root / "img.png") as im:
+    rgb = np.asarray(im.convert("RGB"))
+  res = eng.explain(rgb, [PROMPTS[1]], ["legrad"])
+  tok = model_dir.load(md).tokenizer
+  want = explain("legrad", eng.model, eng.params, eng.model_input(rgb), eng.tokenize([PROMPTS[1]])[0],
+                 empty_ids=tok(["a photo of a"])[0])
+  np.testing.assert_allclose(res["arrays"]["legrad_map"], np.asarray(want["map"]), atol=1e-5)
+  inv = eng.invert(rgb, boxes=[[4, 4, 30, 30]])
+  assert len(inv["masks"]) == 1

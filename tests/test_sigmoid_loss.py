@@ -96,3 +96,10 @@ def test_contrastive_objective_with_sigmoid_global_loss_on_siglip():
   c.model.preset = "tiny"
   with pytest.raises(ValueError, match="needs a SigLIP model"):
     objectives.make(c, info)
+
+
+def test_batch_axes_are_the_training_rule_tables():
+  """The chunked loss shards over the mesh axes the train step puts the batch on."""
+  from trace_jax.losses import sigmoid
+  from trace_jax.training import sharding
+  assert sigmoid.BATCH_AXES == sharding.BATCH_AXES

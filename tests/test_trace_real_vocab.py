@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fixtures_real as FX  # noqa: E402
-from conftest import require_peer  # noqa: E402
+from conftest import clip_bpe  # noqa: E402
 
 from trace_jax.losses import trace as tl  # noqa: E402
 from trace_jax.trace import anchors as A  # noqa: E402
@@ -29,10 +29,7 @@ CTX = 24
 
 @pytest.fixture(scope="module")
 def bpe():
-  open_clip = require_peer("open_clip", "open_clip_torch")
-  from trace_jax.tokenizers import CLIPTokenizer
-  return CLIPTokenizer.from_bpe_gz(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"),
-                                   context_length=CTX)
+  return clip_bpe(CTX)
 
 
 def _glove(path, words, dim=6, seed=0):

@@ -18,7 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fixtures_real as FX  # noqa: E402
-from conftest import require_peer, torch_or_skip  # noqa: E402
+from conftest import clip_bpe, require_peer, torch_or_skip  # noqa: E402
 
 from configs import common  # noqa: E402
 from trace_jax.data import grain_pipeline as gp  # noqa: E402
@@ -31,10 +31,7 @@ CTX = 16
 
 @pytest.fixture(scope="module")
 def tok():
-  open_clip = require_peer("open_clip", "open_clip_torch")
-  from trace_jax.tokenizers import CLIPTokenizer
-  return CLIPTokenizer.from_bpe_gz(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"),
-                                   context_length=CTX)
+  return clip_bpe(CTX)
 
 
 def _jpeg(path, h, w, seed, fmt="JPEG"):

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from trace_jax.models import l2_normalize
 from trace_jax.models.layers import dtype_of
@@ -139,6 +140,25 @@ def legrad_siglip(model, params, images, queries, *, layers=-2, pos_interp: str 
   return {"raw": raw, "grid": grid, "map": m}
 
 
+def empty_prompt_ids(tokenizer, context_length: int) -> np.ndarray:
+  """int32 [L]: the token ids of ``EMPTY_PROMPT`` ('a photo of a'), the text of the authors' correction."""
+  return np.asarray(tokenizer([EMPTY_PROMPT], context_length)[0])
+
+
+def empty_query_of(model, params, *, empty_ids=None, empty_query=None):
+  """The L2-normalised empty-prompt embedding [E] of the correction from ``empty_ids`` [L] or
+  ``empty_query`` [E] (None when neither is given); a vector of the wrong dimension is named."""
+  if empty_query is None and empty_ids is None:
+    return None
+  if empty_query is None:
+    from trace_jax.attribution.common import as_ids
+    empty_query = model.apply({"params": params}, as_ids(empty_ids)[:1], method="encode_text")[0][0]
+  q = jnp.asarray(empty_query, jnp.float32).reshape(-1)
+  if q.shape[0] != model.cfg.embed_dim:
+    raise ValueError(f"empty_query has dim {q.shape[0]}, the model embeds to {model.cfg.embed_dim}")
+  return l2_normalize(q)
+
+
 def explain(model, params, images, ids=None, *, query=None, layers=-2, pos_interp: str = "antialias",
             correction: bool = True, empty_ids=None, empty_query=None, threshold: float = CORRECTION_THRESHOLD):
   """``explain('legrad')`` on a SigLIP model: token ids [T, L] are encoded and L2-normalised (theirs
@@ -150,10 +170,7 @@ def explain(model, params, images, ids=None, *, query=None, layers=-2, pos_inter
   if ids is not None:
     emb, _ = model.apply({"params": params}, as_ids(ids), method="encode_text")
     query = l2_normalize(emb)
-  if correction and empty_query is None and empty_ids is not None:
-    emb, _ = model.apply({"params": params}, as_ids(empty_ids), method="encode_text")
-    empty_query = l2_normalize(emb)[0]
-  elif empty_query is not None:
-    empty_query = l2_normalize(jnp.asarray(empty_query, jnp.float32).reshape(-1))
+  if correction:
+    empty_query = empty_query_of(model, params, empty_ids=empty_ids, empty_query=empty_query)
   return legrad_siglip(model, params, images, query, layers=layers, pos_interp=pos_interp,
                        correction=correction, empty_query=empty_query, threshold=threshold)

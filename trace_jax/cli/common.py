@@ -43,13 +43,8 @@ class Loaded:
 
   def images(self, paths: Sequence[str], size: int | None = None, resize: str = "crop") -> np.ndarray:
     """Image files -> float32 [B, S, S, 3] (S: ``size`` or the model's), normalised as the model
-    expects: CLIP's mean / std, or [-1, 1] for a SigLIP model (models/siglip.py IMAGE_MEAN / STD)."""
-    x = load_images(paths, size or self.cfg.vision.image_size, resize)
-    kind = getattr(self.cfg.vision, "kind", "vit")
-    if kind == "siglip":
-      from trace_jax.data.preprocess import MEAN, STD, normalize_unit
-      x = normalize_unit(x * STD + MEAN, kind)  # back to [0, 1] (to ~1e-7), then SigLIP's normalisation
-    return x
+    expects: CLIP's mean / std, or [-1, 1] for a SigLIP model (data/preprocess.py pixel_stats)."""
+    return load_images(paths, size or self.cfg.vision.image_size, resize, getattr(self.cfg.vision, "kind", "vit"))
 
 
 # An image whose shorter side is below this fraction of the model input is upscaled enough to blur
@@ -76,8 +71,9 @@ def load(checkpoint: str, *, tokenizer_for: str | None = None) -> Loaded:
   return m
 
 
-def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> np.ndarray:
-  """Image files -> float32 [B, size, size, 3]; ValueError naming an unreadable file."""
+def load_images(paths: Sequence, size: int, resize: str = "crop", tower_kind: str = "vit") -> np.ndarray:
+  """Image files (paths or file objects) -> float32 [B, size, size, 3] normalised for ``tower_kind``;
+  ValueError naming an unreadable file."""
   from PIL import Image
   from trace_jax.data.preprocess import load_images as _load
   if not paths:
@@ -88,10 +84,12 @@ def load_images(paths: Sequence[str], size: int, resize: str = "crop") -> np.nda
         short = min(im.size)
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot read image {p}: {e}") from e
+    if hasattr(p, "seek"):
+      p.seek(0)                                   # read again below
     if short < UPSCALE_WARN * size:
       warn(f"image {p} is {im.size[0]}x{im.size[1]}, far smaller than the model input {size}x{size}: "
            f"upscaled {size / short:.1f}x")
-  return _load(list(paths), size, resize)
+  return _load(list(paths), size, resize, tower_kind)
 
 
 def load_npy(path: str, what: str) -> np.ndarray:

@@ -128,11 +128,7 @@ def _out_dir(args) -> str:
 def _load_image(m, item, size, resize):
   """One image [S, S, 3] of ``item``, or the reason it cannot be read."""
   try:
-    f = item.image_file()
-    if isinstance(f, str):
-      return m.images([f], size, resize)[0], None
-    from trace_jax.data.preprocess import load_images
-    return load_images([f], size or m.cfg.vision.image_size, resize)[0], None
+    return m.images([item.image_file()], size, resize)[0], None   # a path or a file object
   except (ValueError, OSError, KeyError) as e:
     return None, str(e).splitlines()[0]
 

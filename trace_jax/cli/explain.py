@@ -87,8 +87,8 @@ class Runner:
     if (self.method == "legrad" and self.cfg.vision.kind == "siglip" and self.tok is not None
         and not {"empty_ids", "empty_query", "correction"} & set(self.settings)):
       # the authors' SigLIP LeGrad corrects with the map of 'a photo of a' (attribution/legrad_siglip.py)
-      from trace_jax.attribution.legrad_siglip import EMPTY_PROMPT
-      self.settings["empty_ids"] = np.asarray(self.tok([EMPTY_PROMPT], self.cfg.text.context_length)[0])
+      from trace_jax.attribution.legrad_siglip import empty_prompt_ids
+      self.settings["empty_ids"] = empty_prompt_ids(self.tok, self.cfg.text.context_length)
     self.size = args.image_size or self.cfg.vision.image_size
     self.resize = args.resize
 

@@ -91,7 +91,8 @@ def _siglip_settings(m, args) -> dict:
                        f"model dir's tokenizer ({m.path}/tokenizer/ is missing; convert with --tokenizer) "
                        f"to encode {EMPTY_PROMPT!r}, or pass --no-correction")
     tok = load_tokenizer(m.path)
-  return {"empty_ids": np.asarray(tok([EMPTY_PROMPT], m.cfg.text.context_length)[0])}
+  from trace_jax.attribution.legrad_siglip import empty_prompt_ids
+  return {"empty_ids": empty_prompt_ids(tok, m.cfg.text.context_length)}
 
 
 def run(args) -> int:

@@ -20,7 +20,7 @@ MEAN = np.array(CLIP_MEAN, np.float32)
 STD = np.array(CLIP_STD, np.float32)
 MODES = ("crop", "squash")
 # what each image tower kind was trained on: CLIP's mean / std, SigLIP's [-1, 1] (big_vision / open_clip
-# ViT-*-SigLIP: mean = std = 0.5); models/siglip.py IMAGE_MEAN / IMAGE_STD are the same numbers
+# ViT-*-SigLIP INCEPTION_MEAN / STD: mean = std = 0.5; HF SiglipImageProcessor)
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
@@ -59,8 +59,8 @@ def normalize_unit(px: np.ndarray, tower_kind: str = "vit") -> np.ndarray:
   return ((np.asarray(px, np.float32) - mean) / std).astype(np.float32)
 
 
-def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarray:
-  """Image files -> float32 [B, size, size, 3] normalised batch."""
+def load_images(paths: Sequence[str], size: int, mode: str = "crop", tower_kind: str = "vit") -> np.ndarray:
+  """Image files (paths or file objects) -> float32 [B, size, size, 3], normalised for ``tower_kind``."""
   from PIL import Image
   out = []
   for p in paths:
@@ -69,7 +69,7 @@ def load_images(paths: Sequence[str], size: int, mode: str = "crop") -> np.ndarr
         out.append(np.asarray(resize_image(img, size, mode)))
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot read image {p}: {e}") from e
-  return normalize(np.stack(out))
+  return normalize(np.stack(out), tower_kind)
 
 
 def as_str(x) -> str:

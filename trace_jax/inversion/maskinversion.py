@@ -785,13 +785,7 @@ def _empty_query(model, params, correction: bool, empty_ids, empty_query) -> jax
     raise ValueError(f"MaskInversion on SigLIP applies the authors' empty-prompt correction (their "
                      f"compute_legrad_siglip): pass empty_ids (token ids of {lgs.EMPTY_PROMPT!r}) or "
                      f"empty_query, or correction=False")
-  if empty_query is None:
-    from trace_jax.attribution.common import as_ids
-    empty_query = model.apply({"params": params}, as_ids(empty_ids)[:1], method="encode_text")[0][0]
-  q = jnp.asarray(empty_query, jnp.float32).reshape(-1)
-  if q.shape[0] != e:
-    raise ValueError(f"empty_query has dim {q.shape[0]}, the model embeds to {e}")
-  return l2_normalize(q)
+  return lgs.empty_query_of(model, params, empty_ids=empty_ids, empty_query=empty_query)
 
 
 def _invert_chunked(cfg, params, image, masks, size, layer_ids, steps, mode, pos_interp, chunk, hyper,

@@ -24,13 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from trace_jax.models.clip import MAX_LOG_SCALE
+from trace_jax.models.clip import MAX_LOG_SCALE, l2_normalize
 
-BATCH_AXES = ("data", "fsdp")  # the mesh axes the batch is sharded over (training/sharding.py)
-
-
-def _l2n(x, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+# the mesh axes the batch is sharded over: training/sharding.py's BATCH_AXES, restated because losses
+# may not import training (docs/architecture.md layers); tests/test_sigmoid_loss.py checks they agree
+BATCH_AXES = ("data", "fsdp")
 
 
 def _prep(image_embeds, text_embeds, log_scale, normalize, max_log_scale):
@@ -39,7 +37,7 @@ def _prep(image_embeds, text_embeds, log_scale, normalize, max_log_scale):
                      f"{tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
   i, t = image_embeds.astype(jnp.float32), text_embeds.astype(jnp.float32)
   if normalize:
-    i, t = _l2n(i), _l2n(t)
+    i, t = l2_normalize(i), l2_normalize(t)
   scale = jnp.exp(jnp.clip(jnp.asarray(log_scale, jnp.float32), 0.0, max_log_scale))
   return i, t, scale
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 
 from trace_jax.models import posemb
 from trace_jax.models.config import CLIPConfig, TextConfig, VisionConfig
-from trace_jax.models.layers import LayerNorm, Transformer, acc_dtype, check_token_ids, dtype_of, part
+from trace_jax.models.layers import (LayerNorm, Transformer, acc_dtype, check_token_ids, dtype_of, part,
+                                     text_embeddings)
 from trace_jax.models.layers import check_images as _check_images
 
 
@@ -97,11 +98,7 @@ class TextTransformer(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.token_embedding = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
-                                    embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.positional_embedding = self.param(
-        "positional_embedding", part(nn.initializers.normal(0.01), (None, "embed")),
-        (c.context_length, c.width), jnp.float32)
+    self.token_embedding, self.positional_embedding = text_embeddings(self, c, self.dtype)
     self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype, *self.scale)
     self.ln_final = LayerNorm(self.dtype)
     self.text_projection = self.param(

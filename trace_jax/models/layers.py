@@ -109,6 +109,16 @@ def check_token_ids(ids, context_length: int) -> None:
     raise ValueError(f"token ids must be integers; got dtype {ids.dtype}")
 
 
+def text_embeddings(module: nn.Module, c, dtype):
+  """(token embedding [vocab, width], positional embedding [context, width]) of a text tower, created
+  in ``module.setup`` (CLIP and SigLIP share them: names, initialisers and logical axes)."""
+  tok = nn.Embed(c.vocab_size, c.width, dtype=dtype, param_dtype=jnp.float32,
+                 embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
+  pos = module.param("positional_embedding", part(nn.initializers.normal(0.01), (None, "embed")),
+                     (c.context_length, c.width), jnp.float32)
+  return tok, pos
+
+
 class MultiHeadAttention(nn.Module):
   """Softmax attention with explicit probabilities (needed for attribution).
 

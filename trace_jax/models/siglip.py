@@ -46,14 +46,14 @@ import jax
 import jax.numpy as jnp
 
 from trace_jax.models import posemb
+from trace_jax.models.clip import l2_normalize
 from trace_jax.models.config import CLIPConfig, VisionConfig
 from trace_jax.models.layers import (ACTIVATIONS, LN_EPS, LayerNorm, ResidualAttentionBlock, Transformer,
-                                     acc_dtype, check_images, check_token_ids, dtype_of, part)
+                                     acc_dtype, check_images, check_token_ids, dtype_of, part, text_embeddings)
 
 KIND = "siglip"
-# SigLIP reads pixels in [-1, 1]: big_vision value_range(-1, 1), open_clip / timm SigLIP
-# INCEPTION_MEAN / STD, HF SiglipImageProcessor image_mean / image_std (not CLIP's mean / std).
-IMAGE_MEAN = IMAGE_STD = (0.5, 0.5, 0.5)
+# SigLIP reads pixels in [-1, 1] (big_vision value_range(-1, 1), open_clip / timm INCEPTION_MEAN / STD):
+# the loaders normalise by tower kind (data/preprocess.py pixel_stats).
 DEFAULTS = {"ln_eps": 1e-6, "logit_bias_init": -10.0, "image_head": False}
 POOL_PATH = ("visual", "map_head", "attn")  # perturbation path of the MAP head's probabilities
 
@@ -220,11 +220,7 @@ class SigLIPText(nn.Module):
 
   def setup(self):
     c = self.cfg
-    self.token_embedding = nn.Embed(c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
-                                    embedding_init=part(nn.initializers.normal(0.02), ("vocab", "embed")))
-    self.positional_embedding = self.param(
-        "positional_embedding", part(nn.initializers.normal(0.01), (None, "embed")),
-        (c.context_length, c.width), jnp.float32)
+    self.token_embedding, self.positional_embedding = text_embeddings(self, c, self.dtype)
     self.transformer = Transformer(c.layers, c.heads, c.mlp_ratio, self.act, self.dtype, ln_eps=self.ln_eps)
     self.ln_final = LayerNorm(self.dtype, eps=self.ln_eps)
     self.text_projection = self.param(
@@ -247,10 +243,6 @@ class SigLIPText(nn.Module):
     """ln_final'ed pooled row [.., W] -> embedding [.., E] (un-normalised): the projection with its bias."""
     emb = pooled @ self.text_projection.astype(self.dtype) + self.text_projection_bias.astype(self.dtype)
     return emb.astype(acc_dtype(self.dtype))
-
-
-def l2_normalize(x, axis=-1, eps=1e-12):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
 class SigLIP(nn.Module):
@@ -321,5 +313,4 @@ def pair_logit(params, cos):
 
 
 __all__ = ["SigLIP", "SigLIPVision", "SigLIPText", "MAPHead", "make_config", "options", "is_siglip",
-           "pair_logit", "run_blocks", "image_from_block", "text_from_block", "KIND", "POOL_PATH", "LN_EPS",
-           "IMAGE_MEAN", "IMAGE_STD"]
+           "pair_logit", "run_blocks", "image_from_block", "text_from_block", "KIND", "POOL_PATH", "LN_EPS"]

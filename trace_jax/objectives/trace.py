@@ -126,8 +126,9 @@ def make_trace_task(config, info: dict | None = None, init=None) -> TraceTask:
   vocab = make_vocab(caps, dim=int(tc.anchor_dim), anchors_path=anchors_path or None,
                      hierarchy_path=hierarchy_path or None)
   arrays = vocab_arrays(vocab.closed, num_subspaces=cfg.vision.heads)   # raises if heads < coarse concepts
-  tok2vocab = token_to_vocab(tok, vocab.closed)
-  spans = tuple(jnp.asarray(a) for a in word_spans(tok, vocab.closed))  # caption word -> its token span
+  spans = word_spans(tok, vocab.closed)                                # caption word -> its token span
+  tok2vocab = token_to_vocab(tok, vocab.closed, spans)
+  spans = tuple(jnp.asarray(a) for a in spans)
   model = build(cfg)
   s, L = cfg.vision.image_size, cfg.text.context_length
   width, adim = cfg.vision.width, vocab.closed.anchors.shape[1]

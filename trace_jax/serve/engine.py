@@ -165,7 +165,15 @@ class Engine:
       # last block. out_size None: the map at the input size (as the CLI), then resampled to the upload.
       layer = min(DEFAULT_LAYER, self.cfg.vision.layers - 1, self.cfg.text.layers - 1)
       return {"layer": layer, "out_size": None}
-    return {}
+    return self.siglip_correction() if method == "legrad" else {}
+
+  def siglip_correction(self) -> dict:
+    """SigLIP dirs: the ids of the authors' empty prompt for LeGrad-SigLIP's correction (and MaskInversion's,
+    which reads the same maps); {} for other towers."""
+    if getattr(self.cfg.vision, "kind", "vit") != "siglip":
+      return {}
+    from trace_jax.attribution.legrad_siglip import empty_prompt_ids
+    return {"empty_ids": empty_prompt_ids(self.tokenizer, self.cfg.text.context_length)}
 
   def explain(self, rgb: np.ndarray, phrases: Sequence[str], methods: Sequence[str]) -> dict:
     """Every phrase x method on one image (one image forward per method for all phrases).
@@ -292,7 +300,7 @@ class Engine:
     cls = self.class_embeddings(classes)
     x = self.model_input(rgb)[0]
     with self.lock:
-      out = invert(self.model, self.params, x, grid)
+      out = invert(self.model, self.params, x, grid, **self.siglip_correction())
       out = {k: (np.asarray(v) if not isinstance(v, str) else v) for k, v in out.items()}
       sims = np.asarray(l2_normalize(out["lets"]) @ cls.T)
     k_top = max(1, min(int(top), len(classes)))

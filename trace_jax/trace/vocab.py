@@ -85,12 +85,13 @@ def make_vocab(captions: Sequence[str] | None, dim: int = 48, concepts_path: str
   return TraceVocab(h, closed, opened, tuple(open_words), tuple(words), vecs)
 
 
-def token_to_vocab(tokenizer, vocab: Vocab) -> np.ndarray:
+def token_to_vocab(tokenizer, vocab: Vocab, spans=None) -> np.ndarray:
   """int32 [tokenizer.vocab_size]: the TRACE vocabulary id of each token id that is a whole vocabulary
   word by itself (-1 else). Word-level tokenizers: every one-word concept; subword tokenizers: the
-  words that are one token (use ``word_spans`` + ``losses.trace.match_words`` for all of them)."""
+  words that are one token (use ``word_spans`` + ``losses.trace.match_words`` for all of them).
+  ``spans``: ``word_spans(tokenizer, vocab)`` when the caller has them already."""
   table = np.full(tokenizer.vocab_size, -1, np.int32)
-  seqs, lens, _, _ = word_spans(tokenizer, vocab)
+  seqs, lens, _, _ = word_spans(tokenizer, vocab) if spans is None else spans
   for i in np.flatnonzero(lens == 1):
     table[seqs[i, 0]] = i
   return table
