@@ -9,8 +9,12 @@ matter come from an accelerator, benchmarks/device.sh). Random weights of the pr
 Reported per case: the plan (calls x masks per call), first call (compile + run), a second timed
 call (``--repeat 0``: none; masks/s then from the first call, compile included), masks/s, peak RSS
 of the process, and max|LET - LET(1 device)| / max|LET| against the
-1-device case of the same size (saved in a temp file): <= 1e-3 on small models; random ViT-B/16
-weights at 100 masks amplify float32 rounding beyond that (benchmarks/RESULTS.md, issue 19 section).
+1-device case of the same size (saved in a temp file). That error is held to the run's OWN float32
+sensitivity, not a fixed 1e-3: random ViT-B/16 weights at 100 masks amplify rounding (the map's
+min-max, the dice's argmax cells) so that 1e-6 noise on the pixels moves the LETs by ~1e-1. So the
+1-device case also runs once with the image + N(0, 1e-6) noise (``--sensitivity``, on by default),
+and a case passes when its error vs 1 device is <= max(1e-3, 2 x that sensitivity): sharding
+reorders float32 sums, which perturbs the run less than noise on every pixel does.
 """
 from __future__ import annotations
 
@@ -60,6 +64,11 @@ def child(a) -> None:
     jax.block_until_ready(out["lets"])
     second = time.perf_counter() - t0
   lets = np.asarray(out["lets"])
+  noise = None
+  if a.sensitivity and a.devices == 1:   # the run's own float32 sensitivity (module docstring)
+    pert = img + np.random.default_rng(1).normal(0, 1e-6, img.shape).astype(np.float32)
+    other = np.asarray(mi.invert(model, params, pert, masks, **kw)["lets"])
+    noise = float(np.abs(other - lets).max() / np.abs(lets).max())
   err = None
   if a.ref and os.path.exists(a.ref):
     ref = np.load(a.ref)
@@ -70,7 +79,7 @@ def child(a) -> None:
                     "est_gb_per_device": pl["bytes_per_device"] / 1e9, "first_s": first,
                     "second_s": second, "masks_per_s": a.masks / (second or first),
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                    "let_rel_err_vs_1_device": err}))
+                    "let_rel_err_vs_1_device": err, "let_rel_err_1e-6_noise": noise}))
 
 
 def main() -> None:
@@ -84,6 +93,8 @@ def main() -> None:
   p.add_argument("--mode", default="exact", choices=("exact", "decomposed"))
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--repeat", type=int, default=1, choices=(0, 1), help="a second, timed call (0: none)")
+  p.add_argument("--sensitivity", type=int, default=1, choices=(0, 1),
+                  help="1-device case: a second call with 1e-6 pixel noise (the tolerance of the others)")
   p.add_argument("--child", action="store_true")
   p.add_argument("--ref", default=None)
   a = p.parse_args()
@@ -101,20 +112,33 @@ def main() -> None:
                    JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         cmd = [sys.executable, __file__, "--child", "--preset", a.preset, "--size", str(s),
                "--masks", str(a.masks), "--devices", str(d), "--budget-gb", str(a.budget_gb),
-               "--mode", a.mode, "--steps", str(a.steps), "--repeat", str(a.repeat), "--ref", ref]
+               "--mode", a.mode, "--steps", str(a.steps), "--repeat", str(a.repeat), "--ref", ref,
+               "--sensitivity", str(a.sensitivity)]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode:
           print(r.stderr[-3000:], file=sys.stderr)
           raise SystemExit(f"case size {s}, {d} devices failed")
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-  print("\n| size | devices | calls x masks | est. GB/device | first s | second s | masks/s | peak RSS GB | LET err vs 1 dev |")
+  print("\n| size | devices | calls x masks | est. GB/device | first s | second s | masks/s | peak RSS GB "
+        "| LET err vs 1 dev (tolerance) |")
   print("|---|---|---|---|---|---|---|---|---|")
+  tol = {r["size"]: max(1e-3, 2 * r["let_rel_err_1e-6_noise"]) for r in rows
+         if r["let_rel_err_1e-6_noise"] is not None}
+  failed = []
   for r in rows:
-    e = "—" if r["let_rel_err_vs_1_device"] is None else f"{r['let_rel_err_vs_1_device']:.1e}"
     sec = "—" if r["second_s"] is None else f"{r['second_s']:.2f}"
+    e, t = r["let_rel_err_vs_1_device"], tol.get(r["size"], 1e-3)
+    if e is None:
+      cell = "—" if r["let_rel_err_1e-6_noise"] is None else f"— (1e-6 noise: {r['let_rel_err_1e-6_noise']:.1e})"
+    else:
+      cell = f"{e:.1e} ({'<=' if e <= t else 'ABOVE'} {t:.1e})"
+      if e > t:
+        failed.append(r)
     print(f"| {r['size']} | {r['devices']} | {r['calls']} x {r['chunk']} | {r['est_gb_per_device']:.2f} | "
-          f"{r['first_s']:.1f} | {sec} | {r['masks_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {e} |")
+          f"{r['first_s']:.1f} | {sec} | {r['masks_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {cell} |")
+  if failed:
+    raise SystemExit(f"{len(failed)} case(s) differ from 1 device beyond the tolerance")
 
 
 if __name__ == "__main__":

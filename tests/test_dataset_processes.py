@@ -7,8 +7,8 @@
   14 masks), and without a budget (all 96 in one call). The baseline holds everything the
   budgeted run holds except its larger calls (interpreter, JAX runtime, compiled programs, the 96
   masks, the outputs), so peak(budget) - peak(baseline) is what the budget governs: asserted
-  <= 256 MiB, with no further margin. The margin is in the command: on CPU it gives the planner a
-  quarter of ``--memory-gb`` (trace_jax/cli/datasets.py ``CPU_RUNTIME_OVERHEAD``), because XLA:CPU's
+  <= 256 MiB, with no further margin. The margin is in the planner: on CPU it gives itself a
+  quarter of ``--memory-gb`` in its estimate (maskinversion.py ``RUNTIME_OVERHEAD``), because XLA:CPU's
   measured peak is ~2.5x the planner's per-mask estimate here (plus ~75 MB more compile memory
   for the larger program); measured +103 / +139 MiB. The unbudgeted run must exceed the baseline
   by more than the budget (measured +879 / +909 MiB), so the check can fail, and all three give the same LETs

@@ -287,7 +287,8 @@ def test_images_per_call():
   ex, de = (mi.image_bytes(cfg, (224, 224), 100, 1, m) for m in ("exact", "decomposed"))
   assert de - ex == 2 * gO  # gO and its D-last copy
   assert mi.image_bytes(cfg, (224, 224), 100, 1, "exact") > mi.image_bytes(cfg, (224, 224), 10, 1, "exact")
-  assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=de * 3.5) == 3  # floor
+  assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=de * 3.5, overhead=1.0) == 3  # floor
+  assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=de * 3.5, overhead=2.0) == 1
   assert mi.images_per_call(cfg, (224, 224), 100, 1, "decomposed", budget=1.0) == 1
 
 
@@ -400,8 +401,9 @@ def test_parity_vit_b16():
 
 
 def test_cli_invert(tiny, tmp_path):
-  """``trace-jax invert`` on --pixels with a PNG mask and an .npy of 2 masks: map PNGs beside the
-  masks, npz with LETs equal to the API's."""
+  """``trace-jax invert`` on --pixels with a PNG mask, an .npy of 2 masks and a PNG mask of another
+  size between them (its own call): map PNGs beside the masks, npz with LETs equal to the API's, in
+  the order of the command line."""
   from PIL import Image
   from trace_jax.model_dir import save_model
   from trace_jax.cli import main
@@ -413,13 +415,19 @@ def test_cli_invert(tiny, tmp_path):
   masks[2] = masks[2] > 0.5
   Image.fromarray((masks[0] * 255).astype(np.uint8)).save(tmp_path / "a.png")
   np.save(tmp_path / "b.npy", masks[1:])
+  small = np.zeros((24, 40), np.uint8)
+  small[4:15, 10:31] = 255
+  Image.fromarray(small).save(tmp_path / "c.png")
   rc = main(["invert", "--checkpoint", str(tmp_path / "model"), "--pixels", str(tmp_path / "x.npy"),
-             "--masks", str(tmp_path / "a.png"), str(tmp_path / "b.npy"), "--mode", "exact",
-             "--lr", "0.5", "--out-npz", str(tmp_path / "o.npz")])
+             "--masks", str(tmp_path / "a.png"), str(tmp_path / "c.png"), str(tmp_path / "b.npy"),
+             "--mode", "exact", "--lr", "0.5", "--out-npz", str(tmp_path / "o.npz")])
   assert rc == 0
-  for name in ("a_map.png", "b_map0.png", "b_map1.png"):
+  for name in ("a_map.png", "c_map.png", "b_map0.png", "b_map1.png"):
     assert (tmp_path / name).is_file()
   z = np.load(tmp_path / "o.npz")
   ref = mi.invert(tiny.model, tiny.params, img, masks, mode="exact", lr=0.5)
-  _close(z["lets"], ref["lets"], 1e-6)
-  np.testing.assert_allclose(z["map_2"], ref["map"][2], atol=1e-6)
+  ref_c = mi.invert(tiny.model, tiny.params, img, small[None] / 255.0, mode="exact", lr=0.5)
+  _close(z["lets"][[0, 2, 3]], ref["lets"], 1e-6)
+  _close(z["lets"][1:2], ref_c["lets"], 1e-6)
+  np.testing.assert_allclose(z["map_3"], ref["map"][2], atol=1e-6)
+  np.testing.assert_allclose(z["map_1"], ref_c["map"][0], atol=1e-6)

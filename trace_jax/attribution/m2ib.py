@@ -373,9 +373,9 @@ def explain(model, params, images, ids, *, layer: int = DEFAULT_LAYER, text_laye
   if fit not in FITS:
     raise ValueError(f"fit must be one of {FITS}; got {fit!r}")
   # the text bottleneck needs only the image embedding: any image tower; SigLIP has its own tails
-  if modality != "text" and not siglip.is_siglip(cfg):
-    require_vit(cfg, "M2IB", "SigLIP towers work too; modality='text' (the text map alone) works with any "
-                "image tower")
+  if modality != "text":
+    require_vit(cfg, "M2IB", "modality='text' (the text map alone) works with any image tower",
+                allow=("siglip",))
   text_layer = layer if text_layer is None else text_layer
   _check_layer("layer", layer, cfg.vision.layers)
   _check_layer("text_layer", text_layer, cfg.text.layers)

@@ -128,3 +128,28 @@ def read_lines(path: str) -> list[str]:
   """Non-empty stripped lines of a text file (class names, templates)."""
   with open(path, encoding="utf-8") as f:
     return [ln.strip() for ln in f if ln.strip()]
+
+
+def invert_by_size(model, params, image, arrays: Sequence[np.ndarray], **settings) -> dict:
+  """MaskInversion of one image's masks given as several arrays [K_i, H_i, W_i] (files of any sizes):
+  the masks of one size form one ``invert`` call (one image forward; chunked to its budget), and the
+  results come back in the order of ``arrays``: {'lets' [M, E], 'map' (M arrays [H_i, W_i]),
+  'dice0' [M], 'dice_final' [M], 'calls' (per call: 'mode', 'losses' [steps])}."""
+  from trace_jax.inversion.maskinversion import invert
+  starts = np.cumsum([0] + [a.shape[0] for a in arrays])
+  by_size: dict = {}
+  for i, a in enumerate(arrays):
+    by_size.setdefault(a.shape[1:], []).append(i)
+  m = int(starts[-1])
+  lets, dice0, dice1, maps, calls = None, np.zeros(m, np.float32), np.zeros(m, np.float32), [None] * m, []
+  for idx in by_size.values():
+    out = invert(model, params, image, np.concatenate([arrays[i] for i in idx]), **settings)
+    rows = [r for i in idx for r in range(starts[i], starts[i + 1])]
+    got = np.asarray(out["lets"])
+    if lets is None:
+      lets = np.zeros((m, got.shape[-1]), np.float32)
+    lets[rows], dice0[rows], dice1[rows] = got, np.asarray(out["dice0"]), np.asarray(out["dice_final"])
+    for r, mp in zip(rows, np.asarray(out["map"])):
+      maps[r] = mp
+    calls.append({"mode": out["mode"], "losses": np.asarray(out["losses"])})
+  return {"lets": lets, "map": maps, "dice0": dice0, "dice_final": dice1, "calls": calls}

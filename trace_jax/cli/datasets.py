@@ -34,13 +34,6 @@ import numpy as np
 from trace_jax.cli import common
 
 SPEC_FLAGS = ("dataset", "coco_json", "sam_dir", "tfds")
-# ``--memory-gb`` bounds what the MaskInversion calls add to the process's peak memory. The planner
-# (maskinversion.plan) sizes calls by its estimate ``image_bytes``; on XLA:CPU the measured peak RSS
-# of a call is ~1.7-2.5x that estimate per mask (tiny model at 128 px: ~10 MB per mask against 4.2 MB
-# estimated; ViT-B/16 at 224 px, benchmarks/RESULTS.md: ~25 MB against 14.7 MB), and compiling a
-# larger chunk program takes more memory too (~75 MB more for the tiny model). So on CPU the planner
-# gets --memory-gb / CPU_RUNTIME_OVERHEAD (tests/test_dataset_processes.py measures a run's RSS).
-CPU_RUNTIME_OVERHEAD = 4.0
 # kind -> (shard prefix, progress unit, results of a shard)
 KINDS = {"invert": ("lets", "masks", lambda a: a["lets"].shape[0]),
          "explain": ("maps", "maps", lambda a: a["texts"].shape[0]),
@@ -147,28 +140,21 @@ def _run_dataset(args, kind: str, items, compute) -> int:
   return 0
 
 
-def runtime_overhead() -> float:
-  """Peak memory of a MaskInversion call per byte of the planner's estimate, on this backend."""
-  import jax
-  return CPU_RUNTIME_OVERHEAD if jax.default_backend() == "cpu" else 1.0
-
-
 def run_invert(args, check_mask, settings_of=lambda m, args: {}) -> int:
   """``check_mask(array, name) -> [K, H, W]`` and ``settings_of(m, args) -> dict`` (invert's extra
   keywords, e.g. SigLIP's empty-prompt correction): trace_jax/cli/invert.py's (passed in: that module
   imports this one). Masks of one size form one ``invert`` call (chunked to ``--memory-gb``)."""
-  from trace_jax.inversion.maskinversion import invert
-  from trace_jax.models import siglip
   from trace_jax.models.blocks import require_vit
   _out_dir(args)
   m = common.load(args.checkpoint)
-  if not siglip.is_siglip(m.cfg):  # invert's own tower check, before any shard (names the tower)
-    require_vit(m.cfg, "MaskInversion", "SigLIP towers work too")
+  require_vit(m.cfg, "MaskInversion", allow=("siglip",))  # invert's own check, before any shard
   kw = settings_of(m, args)
   items = items_of(args, "invert")
   if args.memory_gb is not None and not args.memory_gb > 0:
     raise ValueError(f"--memory-gb must be positive; got {args.memory_gb}")
-  budget = None if args.memory_gb is None else args.memory_gb * 2 ** 30 / runtime_overhead()
+  # --memory-gb bounds what the calls add to the peak (maskinversion.plan: the backend's runtime
+  # overhead over its estimate included; tests/test_dataset_processes.py measures the RSS)
+  budget = None if args.memory_gb is None else args.memory_gb * 2 ** 30
   devices = devices_of(args)
 
   def compute(part):
@@ -196,27 +182,15 @@ def run_invert(args, check_mask, settings_of=lambda m, args: {}) -> int:
         failed.append((item.id, "no masks"))
       if not arrays:
         continue
-      by_size: dict = {}
-      for a, start in zip(arrays, np.cumsum([0] + [a.shape[0] for a in arrays])):
-        by_size.setdefault(a.shape[1:], []).append((start, a))
-      rows = np.zeros((sum(a.shape[0] for a in arrays), m.cfg.embed_dim), np.float32)
-      d0, d1 = np.zeros(len(rows), np.float32), np.zeros(len(rows), np.float32)
-      mp_ = [None] * len(rows)
-      for group in by_size.values():
-        out = invert(m.model, m.params, image, np.concatenate([a for _, a in group]), mode=args.mode,
-                     layers=args.layer_index, steps=args.steps, lr=args.lr, alpha=args.alpha,
-                     wd=args.wd, budget=budget, devices=devices, **kw)
-        at = [s + k for s, a in group for k in range(a.shape[0])]
-        rows[at] = np.asarray(out["lets"])
-        d0[at], d1[at] = np.asarray(out["dice0"]), np.asarray(out["dice_final"])
-        for r, mm in zip(at, np.asarray(out["map"])):
-          mp_[r] = mm
-      lets.append(rows)
-      dice0.append(d0)
-      dice1.append(d1)
-      maps += mp_
+      res = common.invert_by_size(m.model, m.params, image, arrays, mode=args.mode,
+                                  layers=args.layer_index, steps=args.steps, lr=args.lr,
+                                  alpha=args.alpha, wd=args.wd, budget=budget, devices=devices, **kw)
+      lets.append(res["lets"])
+      dice0.append(res["dice0"])
+      dice1.append(res["dice_final"])
+      maps += res["map"]
       mask_ids += names
-      mask_image += [j] * len(rows)
+      mask_image += [j] * len(res["lets"])
     e = m.cfg.embed_dim
     arrays = {"lets": np.concatenate(lets) if lets else np.zeros((0, e), np.float32),
               "mask_ids": np.asarray(mask_ids, dtype=str),

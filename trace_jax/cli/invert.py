@@ -97,7 +97,6 @@ def _siglip_settings(m, args) -> dict:
 
 def run(args) -> int:
   import jax.numpy as jnp
-  from trace_jax.inversion.maskinversion import invert
   from trace_jax.models import l2_normalize
   from trace_jax.cli import datasets
   if datasets.is_dataset(args):
@@ -117,26 +116,13 @@ def run(args) -> int:
     if image.shape[0] != 1:
       raise ValueError(f"--pixels must hold one image [H, W, 3] or [1, H, W, 3]; got {image.shape}")
     image = image[0]
-  # Masks of one size form one call (one image forward); other sizes get their own call.
-  by_size: dict = {}
-  for a in arrays:
-    by_size.setdefault(a.shape[1:], []).append(a)
-  lets, maps, losses = [], [], []
-  kw = _siglip_settings(m, args)
-  for group in by_size.values():
-    out = invert(model, params, image, np.concatenate(group), mode=args.mode, layers=args.layer_index,
-                 steps=args.steps, lr=args.lr, alpha=args.alpha, wd=args.wd, **kw)
-    lets.append(np.asarray(out["lets"]))
-    maps += list(np.asarray(out["map"]))
-    losses.append(np.asarray(out["losses"]))
-    print(f"mode {out['mode']}: loss {float(out['losses'][0]):.4f} -> {float(out['losses'][-1]):.4f}")
-  # back to the order of the masks on the command line
-  order = [i for size_ in by_size for i, a in enumerate(arrays) if a.shape[1:] == size_]
-  starts = np.cumsum([0] + [a.shape[0] for a in arrays])
-  flat = [j for i in order for j in range(starts[i], starts[i + 1])]
-  inv = np.argsort(flat)
-  lets = np.concatenate(lets)[inv]
-  maps = [maps[j] for j in inv]
+  res = common.invert_by_size(model, params, image, arrays, mode=args.mode, layers=args.layer_index,
+                              steps=args.steps, lr=args.lr, alpha=args.alpha, wd=args.wd,
+                              **_siglip_settings(m, args))
+  lets, maps = res["lets"], res["map"]
+  losses = [c["losses"] for c in res["calls"]]
+  for c in res["calls"]:
+    print(f"mode {c['mode']}: loss {float(c['losses'][0]):.4f} -> {float(c['losses'][-1]):.4f}")
 
   if classes:
     from trace_jax.evaluation.zeroshot import SIMPLE_IMAGENET_TEMPLATES, class_text_embeddings

@@ -438,7 +438,9 @@ def _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk, correction=False,
 
 @functools.lru_cache(maxsize=64)
 def _compiled_chunk(cfg, layer_ids, steps, mode, grid_hw):
-  """jit(invert_prepared): one chunk of masks of a prepared image (same chunk shape: one program)."""
+  """jit(invert_prepared): one chunk of masks of a prepared image (same chunk shape: one program).
+  Masks split over devices stay split: XLA propagates their sharding to the per-mask work
+  (tests/test_dataset_inference.py compares the compiled per-device sizes)."""
   model = build(cfg)
 
   def one(params, prepared, masks, weights, step_sizes, alpha, decay):
@@ -464,15 +466,20 @@ def resolve_devices(devices) -> list:
   return list(devices)
 
 
+def _sharding(devs, shard: bool):
+  """The NamedSharding of a 1-D 'data' mesh over ``devs``, axis 0 split (``shard``) or replicated;
+  None for one device (the single-device program)."""
+  if len(devs) == 1:
+    return None
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  return NamedSharding(Mesh(np.asarray(devs), ("data",)), PartitionSpec("data") if shard else PartitionSpec())
+
+
 def _put(x, devs, shard: bool):
   """x onto ``devs``: split along axis 0 over a 1-D 'data' mesh (``shard``) or replicated there.
   One device: a plain device_put (the single-device program)."""
-  if len(devs) == 1:
-    return jax.device_put(x, devs[0])
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  mesh = Mesh(np.asarray(devs), ("data",))
-  spec = PartitionSpec("data") if shard else PartitionSpec()
-  return jax.device_put(x, NamedSharding(mesh, spec))
+  s = _sharding(devs, shard)
+  return jax.device_put(x, devs[0] if s is None else s)
 
 
 # ----------------------------------------------------------------------------- inputs, buckets
@@ -583,25 +590,49 @@ def image_bytes(cfg, image_hw, num_masks: int, num_layers: int, mode: str) -> fl
   return fixed + num_masks * per_mask
 
 
+# Peak memory of a call per byte of :func:`image_bytes`' estimate (XLA's buffers), by backend. On
+# XLA:CPU the measured peak RSS of a call is ~1.7-2.5x the estimate per mask (tiny model at 128 px:
+# ~10 MB per mask against 4.2 MB estimated; ViT-B/16 at 224 px, benchmarks/RESULTS.md: ~25 MB
+# against 14.7 MB), and compiling a larger program takes memory too (~75 MB more for the tiny
+# model): 4x keeps a run under its budget (tests/test_dataset_processes.py measures the RSS).
+# Accelerators: 1 until benchmarks/device.sh measures otherwise.
+RUNTIME_OVERHEAD = {"cpu": 4.0}
+
+
+def runtime_overhead(backend: str | None = None) -> float:
+  """Peak bytes per estimated byte on ``backend`` (default jax's): see ``RUNTIME_OVERHEAD``."""
+  return RUNTIME_OVERHEAD.get(backend or jax.default_backend(), 1.0)
+
+
+def _estimate_budget(budget, overhead) -> float:
+  """The bytes :func:`image_bytes` may reach for a peak of ``budget`` (default half the free memory)."""
+  budget = memory_budget() if budget is None else float(budget)
+  return budget / (runtime_overhead() if overhead is None else float(overhead))
+
+
 def images_per_call(cfg, image_hw, num_masks: int, num_layers: int, mode: str,
-                    budget: float | None = None) -> int:
-  """How many images one vmapped call takes so that :func:`image_bytes` of them fits the budget
-  (half the free device memory): many images never hold all their Jacobians at once."""
-  budget = memory_budget() if budget is None else budget
+                    budget: float | None = None, overhead: float | None = None) -> int:
+  """How many images one vmapped call takes so that their peak (``overhead`` x :func:`image_bytes`,
+  default the backend's :func:`runtime_overhead`) fits the budget (default half the free device
+  memory): many images never hold all their Jacobians at once."""
+  budget = _estimate_budget(budget, overhead)
   return max(1, int(budget // image_bytes(cfg, image_hw, num_masks, num_layers, mode)))
 
 
-def masks_per_call(cfg, image_hw, num_layers: int, mode: str, budget: float | None = None) -> int:
-  """How many masks of ONE image a call may take so that :func:`image_bytes` fits ``budget`` (default
-  half the free device memory): the image's fixed part (forward, gO) once, then each mask's share."""
-  budget = memory_budget() if budget is None else float(budget)
+def masks_per_call(cfg, image_hw, num_layers: int, mode: str, budget: float | None = None,
+                   overhead: float | None = None) -> int:
+  """How many masks of ONE image a call may take so that its peak (``overhead`` x :func:`image_bytes`)
+  fits ``budget`` (default half the free device memory): the image's fixed part (forward, gO) once,
+  then each mask's share."""
+  budget = _estimate_budget(budget, overhead)
   fixed = image_bytes(cfg, image_hw, 0, num_layers, mode)
   per_mask = image_bytes(cfg, image_hw, 1, num_layers, mode) - fixed
   return max(1, int((budget - fixed) // per_mask))
 
 
 def plan(cfg, image_hw, num_masks: int, num_layers: int, mode: str, budget: float | None = None,
-         num_devices: int = 1, max_masks_per_call: int | None = None) -> dict:
+         num_devices: int = 1, max_masks_per_call: int | None = None,
+         overhead: float | None = None) -> dict:
   """How :func:`invert` splits ONE image's ``num_masks`` masks into calls.
 
   Each device holds the image's prepared state (replicated) and its share of the call's masks, so a
@@ -609,12 +640,15 @@ def plan(cfg, image_hw, num_masks: int, num_layers: int, mode: str, budget: floa
   one call of ``bucket_size(K)`` masks (rounded up to the device count). Else calls of
   ``chunk = bucket_size(ceil(K / calls))`` masks (capped by the budget): few distinct shapes (one
   compilation per bucket) and under 25 % padding in the last call.
+  ``budget`` bounds the predicted PEAK: ``overhead`` (default the backend's :func:`runtime_overhead`)
+  x :func:`image_bytes`.
   Returns {'chunked', 'calls', 'chunk' (masks per call, padding included), 'bytes_per_device'
-  (:func:`image_bytes` of one device's share), 'budget'}.
+  (the predicted peak of one device's share), 'budget'}.
   """
   budget = memory_budget() if budget is None else float(budget)
+  overhead = runtime_overhead() if overhead is None else float(overhead)
   nd = max(1, int(num_devices))
-  cap = masks_per_call(cfg, image_hw, num_layers, mode, budget) * nd
+  cap = masks_per_call(cfg, image_hw, num_layers, mode, budget, overhead) * nd
   if max_masks_per_call is not None:
     if max_masks_per_call < 1:
       raise ValueError(f"max_masks_per_call must be >= 1; got {max_masks_per_call}")
@@ -629,7 +663,7 @@ def plan(cfg, image_hw, num_masks: int, num_layers: int, mode: str, budget: floa
     chunk = min(cap, up(bucket_size(-(-num_masks // calls))))
     calls = -(-num_masks // chunk)
   return {"chunked": calls > 1, "calls": calls, "chunk": chunk, "budget": budget,
-          "bytes_per_device": image_bytes(cfg, image_hw, -(-chunk // nd), num_layers, mode)}
+          "bytes_per_device": overhead * image_bytes(cfg, image_hw, -(-chunk // nd), num_layers, mode)}
 
 
 # ----------------------------------------------------------------------------- API
@@ -674,16 +708,16 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     devices: None = one device; 'all' / n / a list: every call is one jit sharded with
       ``NamedSharding`` over a 1-D 'data' mesh of these devices: images on that axis (the calls
       over images), or one image's masks on that axis with its prepared state replicated (the
-      chunked calls); results equal the one-device ones.
+      chunked calls, and every image of a mask size that has fewer images than devices, e.g. one
+      image with many masks); results equal the one-device ones.
   Returns:
     one image: dict with ``lets`` [K, E] (un-normalised, like theirs), ``map`` [K, Hm, Wm] in [0, 1],
     ``grid`` [K, gh, gw] raw LeGrad relevance, ``losses`` [steps] (their per-iteration loss),
     ``dice`` / ``reg`` [steps], ``dice0`` / ``dice_final`` [K], ``z0`` [E], ``mode``; several images:
     a list of such dicts.
   """
+  require_vit(model.cfg, "MaskInversion", allow=("siglip",))
   is_sig = siglip.is_siglip(model.cfg)
-  if not is_sig:
-    require_vit(model.cfg, "MaskInversion", "SigLIP towers work too")
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
   if (masks is None) == (boxes is None):
@@ -714,8 +748,11 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   cfg = model.cfg
   layer_ids = lg.resolve_layers(layers, cfg.vision.layers)
   kmax = max(m.shape[0] for m in per_image)
+  # read once: the free memory changes as calls run, and a budget that moved between images
+  # would give them other chunk sizes, i.e. other programs to compile
+  budget = memory_budget() if budget is None else float(budget)
   if mode == "auto":
-    mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids))
+    mode = choose_mode(cfg, ims.shape[1:3], kmax, steps, len(layer_ids), budget)
   correction = bool(correction) and is_sig
   empty = _empty_query(model, params, correction, empty_ids, empty_query)
   fn = _compiled(cfg, layer_ids, int(steps), mode, pos_interp, chunk, correction, float(threshold))
@@ -746,7 +783,9 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
     for i in idx:
       pl = plan(cfg, ims.shape[1:3], per_image[i].shape[0], len(layer_ids), mode, budget, nd,
                 max_masks_per_call)
-      if pl["chunked"]:
+      # Fewer images than devices: a call over images would fill the data axis with copies of them
+      # (every device repeating one image's work), so each runs alone with ITS MASKS on that axis.
+      if pl["chunked"] or len(idx) < nd:
         big.append(i)
         results[i] = result(_invert_chunked(cfg, params_d, ims[i], per_image[i], pl["chunk"],
                                             layer_ids, steps, mode, pos_interp, chunk, hyper_d,

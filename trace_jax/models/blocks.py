@@ -56,18 +56,21 @@ def tower_name(kind: str) -> str:
   return TOWER_NAMES.get(kind, repr(kind))
 
 
-def require_vit(cfg, method: str, note: str = "") -> None:
-  """ValueError unless the image tower is a ViT (``cfg.vision.kind == 'vit'``).
+def require_vit(cfg, method: str, note: str = "", allow: tuple = ()) -> None:
+  """ValueError unless the image tower is a ViT (``cfg.vision.kind == 'vit'``) or one of the kinds in
+  ``allow`` (e.g. ``('siglip',)`` for the methods with a SigLIP path).
 
   ``cfg``: a CLIPConfig or a model with ``.cfg``. The message names the method and the tower, e.g.
   "LeGrad needs a ViT tower; this model has a CRATE tower (vision kind 'crate')"; ``note`` is appended.
   """
   cfg = getattr(cfg, "cfg", cfg)
   kind = cfg.vision.kind
-  if kind != "vit":
+  if kind != "vit" and kind not in allow:
+    notes = [f"{' and '.join(tower_name(k) for k in allow)} towers work too"] if allow else []
+    notes += [note] if note else []
     raise ValueError(f"{method} needs a ViT tower; this model has a {tower_name(kind)} tower "
                      f"(vision kind {kind!r}): it recomputes pieces of the ViT block (attention values, "
-                     f"MLP) from their parameters" + (f". {note}" if note else ""))
+                     f"MLP) from their parameters" + "".join(f". {n}" for n in notes))
 
 
 # ----------------------------------------------------------------------------- layers
