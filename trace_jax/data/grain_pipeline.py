@@ -48,7 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from trace_jax.boxes import boxes_to_masks
-from trace_jax.data.preprocess import CLIP_MEAN, CLIP_STD, resize_image
+from trace_jax.data.preprocess import CLIP_MEAN, CLIP_STD, crop_geometry, resize_image
 
 log = logging.getLogger("trace_jax.data")
 
@@ -98,14 +98,6 @@ def random_resized_crop_params(rng: np.random.Generator, height: int, width: int
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def eval_geometry(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-  """((new_w, new_h), (left, top, right, bottom)) of preprocess.resize_image 'crop' mode
-  (torchvision Resize(int) + CenterCrop)."""
-  nw, nh = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
-  left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-  return (nw, nh), (left, top, left + size, top + size)
-
-
 def decode(data: bytes, where: str = ""):
   """Encoded bytes -> RGB PIL image (fully loaded); RecordError when unreadable."""
   from PIL import Image
@@ -129,7 +121,7 @@ def transform(img, size: int, rng: np.random.Generator | None, box=None):
   if rng is None:
     out = resize_image(img, size, "crop")
     if mask_img is not None:
-      (nw, nh), crop = eval_geometry(h0, w0, size)
+      (nw, nh), crop = crop_geometry(h0, w0, size)
       if (nw, nh) != (w0, h0):
         mask_img = mask_img.resize((nw, nh), Image.NEAREST)
       mask_img = mask_img.crop(crop)
@@ -252,9 +244,13 @@ class BatchIterator:
 
   def __next__(self) -> dict:
     b = next(self._it)
+    caption_ids = np.asarray(self.tokenizer(list(b["caption"])), np.int32)
+    phrase_ids = caption_ids.copy()   # a record without a phrase reuses its caption (no 2nd tokenisation)
+    own = [i for i, (c, p) in enumerate(zip(b["caption"], b["phrase"])) if c != p]
+    if own:
+      phrase_ids[own] = np.asarray(self.tokenizer([b["phrase"][i] for i in own]), np.int32)
     out = {
-        "image": b["image"], "caption_ids": np.asarray(self.tokenizer(list(b["caption"])), np.int32),
-        "phrase_ids": np.asarray(self.tokenizer(list(b["phrase"])), np.int32), "mask": b["mask"],
+        "image": b["image"], "caption_ids": caption_ids, "phrase_ids": phrase_ids, "mask": b["mask"],
         "mask_indicator": b["mask_indicator"], "index": b["index"], "skipped": b["skipped"],
         "caption": b["caption"], "phrase": b["phrase"],
     }

@@ -40,12 +40,19 @@ def resize_image(img, size: int, mode: str = "crop"):
   if mode == "squash":
     return img.resize((size, size), Image.BICUBIC)
   w, h = img.size
-  # torchvision Resize(int) rounds the long side down (int(size * long / short)).
-  nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+  (nw, nh), box = crop_geometry(h, w, size)
   if (nw, nh) != (w, h):
     img = img.resize((nw, nh), Image.BICUBIC)
+  return img.crop(box)
+
+
+def crop_geometry(height: int, width: int, size: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+  """((new_w, new_h), (left, top, right, bottom)) of 'crop' mode (torchvision Resize(int) +
+  CenterCrop): the shorter side -> ``size``, the long side rounded DOWN as torchvision does
+  (int(size * long / short)), then the centre ``size`` x ``size`` square."""
+  nw, nh = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
   left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-  return img.crop((left, top, left + size, top + size))
+  return (nw, nh), (left, top, left + size, top + size)
 
 
 def normalize(rgb_uint8: np.ndarray, tower_kind: str = "vit") -> np.ndarray:

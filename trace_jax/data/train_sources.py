@@ -438,7 +438,12 @@ def _tfds_source(name):
 
     def train_captions():
       ds, row, rng = records._source(), TFDS_SOURCES[name][3], np.random.default_rng(0)
-      return [row(ds[int(r)], int(k), rng)[0] for r, k in records.items]
+      out, cur, ex = [], None, None
+      for r, k in records.items:          # a record's caption rows are consecutive: read it once
+        if r != cur:
+          cur, ex = r, ds[int(r)]
+        out.append(row(ex, int(k), rng)[0])
+      return out
     return make_source(Source, name, config, records, skipped, split, pi, pc, tok, train_captions=train_captions)
   return make
 

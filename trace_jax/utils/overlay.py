@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from trace_jax.data.preprocess import MEAN, STD
+from trace_jax.data.preprocess import MEAN, STD, crop_geometry
 
 
 def denormalize(pixels: np.ndarray, mean=MEAN, std=STD) -> np.ndarray:
@@ -54,12 +54,10 @@ def map_to_image(heat: np.ndarray, image_hw: tuple[int, int], resize: str = "squ
     return resize_map(heat, (H, W))
   if resize != "crop":
     raise ValueError(f"unknown resize mode {resize!r}; expected 'squash' or 'crop'")
-  # preprocess.resize_image('crop'): shorter side -> S (long side int()-rounded), centre crop S x S.
-  S = heat.shape[0]
-  nw, nh = (S, int(S * H / W)) if W <= H else (int(S * W / H), S)
-  left, top = int(round((nw - S) / 2.0)), int(round((nh - S) / 2.0))
-  x0, x1 = int(round(left * W / nw)), int(round((left + S) * W / nw))
-  y0, y1 = int(round(top * H / nh)), int(round((top + heat.shape[0]) * H / nh))
+  # preprocess.resize_image('crop') saw the square ``box`` of the image resized to (nw, nh)
+  (nw, nh), (left, top, right, bottom) = crop_geometry(H, W, heat.shape[0])
+  x0, x1 = int(round(left * W / nw)), int(round(right * W / nw))
+  y0, y1 = int(round(top * H / nh)), int(round(bottom * H / nh))
   out = np.full((H, W), np.nan, np.float32)
   out[y0:y1, x0:x1] = resize_map(heat, (y1 - y0, x1 - x0))
   return out
