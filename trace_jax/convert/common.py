@@ -264,3 +264,26 @@ def bpe_files(bpe: str | None) -> dict[str, str]:
       if os.path.isfile(path):
         return {"bpe_simple_vocab_16e6.txt.gz": path}
   return {}
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_hf_weights(path: str) -> tuple[dict, str]:
+  """(state dict, source file) of a Hugging Face ``save_pretrained`` folder: one weights file
+  (``HF_WEIGHTS``; .bin needs torch) or the shards named by a sharded checkpoint's index file."""
+  import json
+  for name in HF_WEIGHTS:
+    p = os.path.join(path, name)
+    if os.path.isfile(p):
+      return load_state_dict(p), p
+  for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    p = os.path.join(path, name)
+    if os.path.isfile(p):
+      with open(p) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      sd = {}
+      for s in shards:
+        sd.update(load_state_dict(os.path.join(path, s)))
+      return sd, p
+  raise FileNotFoundError(f"{path}: no weights ({', '.join(HF_WEIGHTS)} or a sharded index)")

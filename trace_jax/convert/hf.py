@@ -154,7 +154,6 @@ def from_torch_model(model) -> tuple[CLIPConfig, dict]:
   return cfg, params_from_hf_state_dict(sd, cfg, "HF CLIPModel")
 
 
-_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 
@@ -166,24 +165,7 @@ def load_hf_dir(path: str) -> tuple[CLIPConfig, dict]:
     raise FileNotFoundError(f"{path} is not a Hugging Face model folder: {cfg_path} is missing")
   with open(cfg_path) as f:
     cfg = config_from_hf(json.load(f))
-  sd = None
-  for name in _WEIGHTS:
-    p = os.path.join(path, name)
-    if os.path.isfile(p):
-      sd, src = common.load_state_dict(p), p
-      break
-  if sd is None:
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-      p = os.path.join(path, name)
-      if os.path.isfile(p):
-        with open(p) as f:
-          shards = sorted(set(json.load(f)["weight_map"].values()))
-        sd, src = {}, p
-        for s in shards:
-          sd.update(common.load_state_dict(os.path.join(path, s)))
-        break
-  if sd is None:
-    raise FileNotFoundError(f"{path}: no weights ({', '.join(_WEIGHTS)} or a sharded index)")
+  sd, src = common.read_hf_weights(path)
   return cfg, params_from_hf_state_dict(sd, cfg, f"HF checkpoint {src}")
 
 

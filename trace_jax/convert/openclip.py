@@ -124,14 +124,20 @@ def named_config(name: str) -> CLIPConfig:
 _HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
+def hub_weights(path: str) -> str:
+  """The weights file of an open_clip hub folder (``_HUB_WEIGHTS``, safetensors first)."""
+  weights = [os.path.join(path, f) for f in _HUB_WEIGHTS if os.path.isfile(os.path.join(path, f))]
+  if not weights:
+    raise FileNotFoundError(f"{path}: no open_clip weights ({' or '.join(_HUB_WEIGHTS)})")
+  return weights[0]
+
+
 def load_openclip(path: str, model_name: str | None = None) -> tuple[CLIPConfig, dict]:
   """(config, params) of a hub folder (``open_clip_config.json`` + weights) or of a bare state dict
   file (``.safetensors`` / ``.pt`` / ``.bin``) given with ``model_name``."""
   if os.path.isdir(path):
     cfg_path = os.path.join(path, "open_clip_config.json")
-    weights = [os.path.join(path, f) for f in _HUB_WEIGHTS if os.path.isfile(os.path.join(path, f))]
-    if not weights:
-      raise FileNotFoundError(f"{path}: no open_clip weights ({' or '.join(_HUB_WEIGHTS)})")
+    weights_path = hub_weights(path)
     if os.path.isfile(cfg_path):
       with open(cfg_path) as f:
         meta = json.load(f)
@@ -142,7 +148,6 @@ def load_openclip(path: str, model_name: str | None = None) -> tuple[CLIPConfig,
       cfg = named_config(model_name)
     else:
       raise FileNotFoundError(f"{path}: open_clip_config.json is missing; pass --model-name")
-    weights_path = weights[0]
   else:
     if not model_name:
       raise ValueError(f"{path} is a bare state dict: pass the open_clip model name (--model-name ViT-B-16)")

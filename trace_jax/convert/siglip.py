@@ -389,7 +389,6 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _bv_block_shapes(prefix: str, w: int, heads: int, hidden: int) -> dict:
-  e = w // heads
   want = {}
   for ln in ("LayerNorm_0", "LayerNorm_1"):
     want[f"{prefix}{ln}/scale"] = (w,)
@@ -397,7 +396,6 @@ def _bv_block_shapes(prefix: str, w: int, heads: int, hidden: int) -> dict:
   want.update(_bv_mha_shapes(prefix + "MultiHeadDotProductAttention_0/", w, heads))
   want.update({f"{prefix}MlpBlock_0/Dense_0/kernel": (w, hidden), f"{prefix}MlpBlock_0/Dense_0/bias": (hidden,),
                f"{prefix}MlpBlock_0/Dense_1/kernel": (hidden, w), f"{prefix}MlpBlock_0/Dense_1/bias": (w,)})
-  del e
   return want
 
 
@@ -530,29 +528,8 @@ def load_bigvision(path: str, model_name: str | None) -> tuple[CLIPConfig, dict]
 def load_hf_dir(path: str, config: Mapping[str, Any]) -> tuple[CLIPConfig, dict]:
   """(config, params) of a ``SiglipModel`` save_pretrained folder (``config``: its config.json)."""
   cfg = config_from_hf(config)
-  sd, src = read_hf_weights(path)
+  sd, src = common.read_hf_weights(path)
   return cfg, params_from_hf(sd, cfg, f"HF checkpoint {src}")
-
-
-_HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-
-
-def read_hf_weights(path: str) -> tuple[dict[str, np.ndarray], str]:
-  """(state dict, source file) of a save_pretrained folder: single file or a sharded index."""
-  for name in _HF_WEIGHTS:
-    p = os.path.join(path, name)
-    if os.path.isfile(p):
-      return common.load_state_dict(p), p
-  for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-    p = os.path.join(path, name)
-    if os.path.isfile(p):
-      with open(p) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      sd = {}
-      for s in shards:
-        sd.update(common.load_state_dict(os.path.join(path, s)))
-      return sd, p
-  raise FileNotFoundError(f"{path}: no weights ({', '.join(_HF_WEIGHTS)} or a sharded index)")
 
 
 def is_hf_siglip_dir(path: str) -> bool:
@@ -585,10 +562,7 @@ def maybe_load_openclip(path: str, model_name: str | None) -> tuple[CLIPConfig, 
       mc = openclip.packaged_model_cfg(model_name) if model_name else None
     if not isinstance(mc, dict) or not is_openclip_siglip(mc):
       return None
-    weights = [os.path.join(path, f) for f in openclip._HUB_WEIGHTS if os.path.isfile(os.path.join(path, f))]
-    if not weights:
-      raise FileNotFoundError(f"{path}: no open_clip weights ({' or '.join(openclip._HUB_WEIGHTS)})")
-    weights_path = weights[0]
+    weights_path = openclip.hub_weights(path)
   else:
     mc = openclip.packaged_model_cfg(model_name) if model_name else None
     if not isinstance(mc, dict) or not is_openclip_siglip(mc):
