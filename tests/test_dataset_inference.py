@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from trace_jax import placement
 from trace_jax.inversion import maskinversion as mi
 from trace_jax.models import build, get_config, init_params
 
@@ -162,8 +163,8 @@ def test_one_image_many_masks_split_over_devices(tiny, monkeypatch):
   np.testing.assert_allclose(shard["map"], one["map"], atol=1e-4)
 
   def temps(nd):
-    devs = mi.resolve_devices(nd)
-    put = lambda x, s=False: mi._put(x, devs, s)
+    devs = placement.resolve_devices(nd)
+    put = lambda x, s=False: placement.put(x, devs, s)
     empty = put(np.zeros(cfg.embed_dim, np.float32))
     prep = mi._compiled_prepare(cfg, (1,), "exact", "antialias", None)(put(params), put(img), empty)
     run = mi._compiled_chunk(cfg, (1,), 3, "exact", (4, 4))

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trace_jax.attribution import common
+
 METHODS = ("legrad", "gradcam", "rollout", "chefer", "saliency", "rise", "m2ib")
 
 # Methods whose per-prompt part is vmapped over ONE image forward (for docs / the CLI).
@@ -56,7 +58,6 @@ def _freeze(v):
 @functools.partial(jax.jit, static_argnames=("model",))
 def pair_scores(model, params, images, ids=None, query=None) -> jax.Array:
   """cos(image, text) [P] for the pairs of ``images`` and ``ids`` / ``query`` (common pairing)."""
-  from trace_jax.attribution import common
   from trace_jax.models import l2_normalize
   images = common.as_images(images)
   targets = common.text_targets(model, params, ids, query)
@@ -77,11 +78,7 @@ def _jitted(method: str, model, static: tuple, dynamic_names: tuple):
                            **dict(zip(dynamic_names, dynamic))))
     if "score" not in out:  # every method reports the pair's cosine (LeGrad / M2IB do not compute it)
       out["score"] = pair_scores(model, params, images, ids, query)
-    if model.cfg.vision.kind == "siglip":  # SigLIP scores a pair by its sigmoid logit exp(t) cos + b
-      from trace_jax.models.siglip import pair_logit
-      out["cosine"] = out["score"]
-      out["score"] = pair_logit(params, out["score"])
-    return out
+    return common.sigmoid_scores(model, params, out)  # SigLIP: the sigmoid logit exp(t) cos + b
 
   if getattr(mod, "JIT", True):
     return jax.jit(fn)

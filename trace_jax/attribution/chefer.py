@@ -17,6 +17,9 @@ Target s: ``target='cosine'`` (default) = cos(image, text) as every trace_jax me
 R = I + ..., products of several blocks' Ā are not scale-invariant, so the two differ when more
 than one block is used. ``start_layer``: 0 = all blocks (the paper); -1 = the last block only (the
 notebook's current default ``start_layer=-1``).
+
+``image_state`` runs the image forward once (keeping its pullback), ``prompt_maps`` the per-prompt
+backwards and relevance: inference/explain.py runs prompt chunks on one state.
 """
 from __future__ import annotations
 
@@ -45,20 +48,14 @@ def _scale(model, params, target):
   return jnp.exp(params["logit_scale"]) if target == "logit" else 1.0
 
 
-def explain(model, params, images, ids=None, *, query=None, start_layer: int = 0,
-            target: str = "cosine", text: bool = False, start_layer_text: int = 0, pos_interp=None,
-            normalize: bool = True, upsample: str = "bilinear") -> dict:
-  """{'grid' [P, gh, gw], 'raw', 'map' [P, H, W], 'score' [P]} (+ 'text' [P, L] with ``text=True``).
+def image_state(model, params, images, *, start_layer: int = 0, pos_interp=None) -> dict:
+  """Chefer's prompt-independent part: ONE forward of images [n, H, W, 3] (or one [H, W, 3]).
 
-  One image forward for one image and P prompts (the P backwards are vmapped). Normalisation as
-  the notebook: min-max of the (bilinearly upsampled) relevance; here min-max (+1e-7) on the grid
-  and then upsampling, which agree since bilinear weights are convex.
-  """
+  Returns {'emb' [n, E] (un-normalised), 'attns': per used block (start_layer .. L-1) its
+  probabilities [n, heads, N, N], 'vjp'} (+ SigLIP: 'pool' [n, heads, 1, N], the MAP head's). ``vjp(ct
+  [n, E])`` is the pullback to those probabilities (the MAP head's last), a pytree of the forward's
+  residuals: a jit can return the state, and each prompt's backward then needs no forward."""
   images = common.as_images(images)
-  scale = _scale(model, params, target)
-  targets = common.text_targets(model, params, ids, query)
-  pair = common.pairing(images.shape[0], targets.shape[0])
-  targets_p = common.broadcast_texts(targets, pair)
   L = model.cfg.vision.layers
   blocks = list(range(common.resolve_layer(start_layer, L), L))
   paths = [common.attn_path("visual", i) for i in blocks]
@@ -67,34 +64,68 @@ def explain(model, params, images, ids=None, *, query=None, start_layer: int = 0
     from trace_jax.models.siglip import POOL_PATH
     paths = paths + [POOL_PATH]
   emb, aux, vjp_fn = common.encode_image_vjp(model, params, images, paths, pos_interp)
-  scores, grads = common.pair_grads(emb, vjp_fn, targets_p, pair)
-  attns = [common.take_pairs(aux["blocks"][i]["attn"], pair) for i in blocks]
+  state = {"emb": emb, "attns": [aux["blocks"][i]["attn"] for i in blocks], "vjp": vjp_fn}
   if siglip:
+    state["pool"] = aux["pool"]["attn"]
+  return state
+
+
+def prompt_maps(model, params, state: dict, targets, image_hw: tuple[int, int], ids=None, *,
+                target: str = "cosine", text: bool = False, start_layer_text: int = 0,
+                normalize: bool = True, upsample: str = "bilinear") -> dict:
+  """Chefer's per-prompt part: ``explain``'s dict for an ``image_state`` of images [n, H, W, 3]
+  (``image_hw`` = (H, W)) and L2-normalised targets [T, E] (one image + P targets: P vmapped
+  backwards, no image forward); ``text=True`` needs the targets' token ids [T, L]."""
+  scale = _scale(model, params, target)
+  pair = common.pairing(state["emb"].shape[0], targets.shape[0])
+  scores, grads = common.pair_grads(state["emb"], state["vjp"], common.broadcast_texts(targets, pair), pair)
+  attns = [common.take_pairs(a, pair) for a in state["attns"]]
+  probe = None
+  if "pool" in state:
     # No class token: the pooled query's relevance row is the MAP head's gradient-weighted attention
     # mean_h(relu(dS/dA_pool * A_pool))[0] [P, N], propagated through the blocks' R (its CLS-row analogue).
     g_pool, grads = grads[-1], grads[:-1]
-    a_pool = common.take_pairs(aux["pool"]["attn"], pair)
-    cam_pool = jnp.mean(jnp.maximum(scale * g_pool * a_pool, 0.0), axis=-3)[:, 0]
-    r = relevance(attns, [scale * g for g in grads])
-    row = jnp.einsum("pj,pjk->pk", cam_pool, r, precision=jax.lax.Precision.HIGHEST)
-  else:
-    r = relevance(attns, [scale * g for g in grads])
-    row = r[:, 0, 1:]
-  grid = common.to_grid(row, common.grid_shape(model, images))
-  out = common.finish(grid, images.shape[1:3], normalize=normalize, upsample_method=upsample)
+    a_pool = common.take_pairs(state["pool"], pair)
+    probe = jnp.mean(jnp.maximum(scale * g_pool * a_pool, 0.0), axis=-3)[:, 0]
+  r = relevance(attns, [scale * g for g in grads])
+  grid = common.to_grid(common.query_row(model, r, probe), common.patch_grid(model, image_hw))
+  out = common.finish(grid, image_hw, normalize=normalize, upsample_method=upsample)
   out["score"] = scores
   if text:
-    if ids is None:
-      raise ValueError("text=True needs token ids (a query vector has no tokens)")
-    ids = common.as_ids(ids)
-    Lt = model.cfg.text.layers
-    tblocks = list(range(common.resolve_layer(start_layer_text, Lt), Lt))
-    temb, taux, tvjp = common.encode_text_vjp(model, params, ids, [common.attn_path("text", i) for i in tblocks])
-    img_n = l2_normalize(common.take_pairs(emb, pair))  # [P, E], the other modality per pair
-    tpair = common.Pairing(pair.num_pairs, ids.shape[0] == 1 and pair.num_pairs > 1)
-    _, tgrads = common.pair_grads(temb, tvjp, img_n, tpair)
-    tattns = [common.take_pairs(taux["blocks"][i]["attn"], tpair) for i in tblocks]
-    rt = relevance(tattns, [scale * g for g in tgrads])
-    eot = common.take_pairs(taux["eot"], tpair)
-    out["text"] = jnp.take_along_axis(rt, eot[:, None, None], axis=1)[:, 0]
+    out["text"] = _text_relevance(model, params, state["emb"], ids, pair, scale, start_layer_text)
   return out
+
+
+def _text_relevance(model, params, emb, ids, pair: common.Pairing, scale, start_layer: int) -> jax.Array:
+  """The text tower's relevance row of each pair's end-of-text token, [P, L]: the same rule with the
+  pair's image embedding (``emb`` [n_img, E], un-normalised) as the target."""
+  if ids is None:
+    raise ValueError("text=True needs token ids (a query vector has no tokens)")
+  ids = common.as_ids(ids)
+  Lt = model.cfg.text.layers
+  tblocks = list(range(common.resolve_layer(start_layer, Lt), Lt))
+  temb, taux, tvjp = common.encode_text_vjp(model, params, ids, [common.attn_path("text", i) for i in tblocks])
+  img_n = l2_normalize(common.take_pairs(emb, pair))  # [P, E], the other modality per pair
+  tpair = common.Pairing(pair.num_pairs, ids.shape[0] == 1 and pair.num_pairs > 1)
+  _, tgrads = common.pair_grads(temb, tvjp, img_n, tpair)
+  tattns = [common.take_pairs(taux["blocks"][i]["attn"], tpair) for i in tblocks]
+  rt = relevance(tattns, [scale * g for g in tgrads])
+  eot = common.take_pairs(taux["eot"], tpair)
+  return jnp.take_along_axis(rt, eot[:, None, None], axis=1)[:, 0]
+
+
+def explain(model, params, images, ids=None, *, query=None, start_layer: int = 0,
+            target: str = "cosine", text: bool = False, start_layer_text: int = 0, pos_interp=None,
+            normalize: bool = True, upsample: str = "bilinear") -> dict:
+  """{'grid' [P, gh, gw], 'raw', 'map' [P, H, W], 'score' [P]} (+ 'text' [P, L] with ``text=True``).
+
+  One image forward for one image and P prompts (the P backwards are vmapped). Normalisation as
+  the notebook: min-max of the (bilinearly upsampled) relevance; here min-max (+1e-7) on the grid
+  and then upsampling, which agree since bilinear weights are convex.
+  = ``prompt_maps(image_state(images), targets)``.
+  """
+  images = common.as_images(images)
+  targets = common.text_targets(model, params, ids, query)
+  state = image_state(model, params, images, start_layer=start_layer, pos_interp=pos_interp)
+  return prompt_maps(model, params, state, targets, images.shape[1:3], ids, target=target, text=text,
+                     start_layer_text=start_layer_text, normalize=normalize, upsample=upsample)

@@ -4,8 +4,11 @@ Pairing rules (docs/attribution.md, "Pairing"):
 
 * ``images [B]`` + ``B`` texts (or query vectors)  -> B pairs, pair b = (image b, text b);
 * ``images [1]`` + ``P`` texts                      -> P pairs on the one image. Methods that allow it
-  (GradCAM, rollout, Chefer, LeGrad) run ONE image forward and ``vmap`` only the per-prompt part
-  (the backward from each prompt's score);
+  (GradCAM, rollout, Chefer, saliency, LeGrad) run ONE image forward and ``vmap`` only the per-prompt
+  part (the backward from each prompt's score). GradCAM, rollout, Chefer and saliency split the two
+  parts into ``image_state(model, params, images, ...)`` (the forward and its pullback) and
+  ``prompt_maps(model, params, state, targets, image_hw, ...)``, so prompt chunks can share one
+  state (inference/explain.py);
 * ``images [B]`` + ``1`` text                      -> B pairs, the text repeated;
 * anything else is a ValueError.
 
@@ -138,7 +141,8 @@ def encode_vjp(model, params, x, paths: Sequence[tuple[str, ...]], method: str =
   perturbations at ``paths`` only.
 
   Returns ``(emb [n, E], aux, vjp_fn)``; ``vjp_fn(ct [n, E]) -> tuple`` of gradients, one per path,
-  with the shapes of those intermediates (e.g. [n, heads, N, N] for attention). Differentiating
+  with the shapes of those intermediates (e.g. [n, heads, N, N] for attention); ``vjp_fn`` is a
+  ``jax.tree_util.Partial`` (a pytree of the forward's residuals: jit may return it). Differentiating
   only the named leaves keeps the backward to the blocks at or above the lowest named one.
   """
   zeros = perturbation_zeros(model, params, x, method=method, **kwargs)
@@ -151,7 +155,14 @@ def encode_vjp(model, params, x, paths: Sequence[tuple[str, ...]], method: str =
 
   leaves = tuple(get_in(zeros, p) for p in paths)
   emb, vjp_fn, aux = jax.vjp(f, leaves, has_aux=True)
-  return emb, aux, lambda ct: vjp_fn(ct)[0]
+  # a Partial over jax's pullback (a pytree whose leaves are the residuals), not a closure: an image
+  # state holding it can leave one jit and enter another (inference/explain.py's prompt chunks)
+  return emb, aux, jax.tree_util.Partial(_leaf_grads, vjp_fn)
+
+
+def _leaf_grads(vjp_fn, ct):
+  """The pullback's gradients w.r.t. ``encode_vjp``'s leaves (its only primal argument)."""
+  return vjp_fn(ct)[0]
 
 
 def encode_image_vjp(model, params, images, paths: Sequence[tuple[str, ...]], pos_interp=None):
@@ -182,6 +193,38 @@ def pair_grads(emb: jax.Array, vjp_fn: Callable, targets_n: jax.Array, pair: Pai
   return scores, grads
 
 
+def query_row(model, r: jax.Array, probe: jax.Array | None = None) -> jax.Array:
+  """The image map's row [..., n_patches]: the image query's row of ``r``, patch columns.
+
+  ``r`` [..., Nq, N]: a head-reduced token matrix whose rows are queries (a block's attention,
+  blocks' rollout / relevance [..., N, N], or the MAP head's [..., 1, N]).
+
+  * CLIP (ViT / CRATE): the query is the class token, row 0; its own column is dropped:
+    ``r[..., 0, 1:]``. ``probe`` must be None.
+  * SigLIP (no class token, models/siglip.py): the query is the MAP head's pooling probe. Given
+    ``probe`` [..., N] (its head-reduced attention over the final tokens, reduced the method's
+    way), the row is the probe carried through the blocks ``r`` [..., N, N]: ``probe @ r``; without
+    it, ``r`` is the head's own [..., 1, N] and the row is ``r[..., 0, :]`` (no column to drop).
+  """
+  if model.cfg.vision.kind != "siglip":
+    if probe is not None:
+      raise ValueError("a class-token tower has no pooling probe")
+    return r[..., 0, 1:]
+  if probe is None:
+    return r[..., 0, :]
+  return jnp.einsum("...j,...jk->...k", probe, r, precision=jax.lax.Precision.HIGHEST)
+
+
+def sigmoid_scores(model, params, out: dict) -> dict:
+  """A SigLIP model scores a pair by its sigmoid logit ``exp(t) cos + b``: ``out['score']`` (the
+  cosine) moves to ``out['cosine']`` and the logit takes its place (api.explain's rule). CLIP: ``out``
+  unchanged."""
+  if model.cfg.vision.kind != "siglip":
+    return out
+  from trace_jax.models.siglip import pair_logit
+  return {**out, "cosine": out["score"], "score": pair_logit(params, out["score"])}
+
+
 def take_pairs(x: jax.Array, pair: Pairing) -> jax.Array:
   """Per-image quantity [n_img, ...] -> per-pair [P, ...]."""
   if pair.single_image:
@@ -190,8 +233,14 @@ def take_pairs(x: jax.Array, pair: Pairing) -> jax.Array:
 
 
 def grid_shape(model, images) -> tuple[int, int]:
+  """The patch grid (gh, gw) of images [..., H, W, 3]."""
+  return patch_grid(model, images.shape[-3:-1])
+
+
+def patch_grid(model, image_hw: tuple[int, int]) -> tuple[int, int]:
+  """The patch grid (gh, gw) of an image of size ``image_hw`` (H, W)."""
   p = model.cfg.vision.patch_size
-  return images.shape[-3] // p, images.shape[-2] // p
+  return image_hw[0] // p, image_hw[1] // p
 
 
 def to_grid(patch_values: jax.Array, hw: tuple[int, int]) -> jax.Array:

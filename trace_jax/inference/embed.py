@@ -52,12 +52,12 @@ def batched(fn, params, x: np.ndarray, batch_size: int, devices=None) -> np.ndar
   ``devices`` (None: one device; 'all' / n / list): each batch is split over a 1-D 'data' mesh of
   those devices (``NamedSharding``; the batch size rounded up to a multiple of their count), params
   replicated: one jitted program runs on all of them."""
-  from trace_jax.inversion.maskinversion import _put, resolve_devices
+  from trace_jax.placement import put, resolve_devices
   devs = resolve_devices(devices)
   n = x.shape[0]
   bs = min(batch_size, n)
   bs = -(-bs // len(devs)) * len(devs)
-  params = _put(params, devs, False) if len(devs) > 1 else params
+  params = put(params, devs, False) if len(devs) > 1 else params
   outs = []
   for i in range(0, n, bs):
     chunk = x[i:i + bs]
@@ -65,7 +65,7 @@ def batched(fn, params, x: np.ndarray, batch_size: int, devices=None) -> np.ndar
     if k < bs:  # pad with copies of the last row: same shapes, no recompilation
       chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - k, 0)], 0)
     if len(devs) > 1:
-      chunk = _put(chunk, devs, True)
+      chunk = put(chunk, devs, True)
     outs.append(np.asarray(fn(params, chunk))[:k])
   return np.concatenate(outs, 0)
 

@@ -75,6 +75,7 @@ from trace_jax.attribution import legrad_siglip as lgs
 from trace_jax.models import build, l2_normalize, siglip
 from trace_jax.models.blocks import attend, pooled_from_o, require_vit, values
 from trace_jax.ops import minmax
+from trace_jax.placement import put, resolve_devices
 from trace_jax.resize import torch_bilinear_matrix
 
 DEFAULT_LAYER_INDEX = -1  # MaskInversion.__init__(layer_index=-1): last block only
@@ -449,39 +450,6 @@ def _compiled_chunk(cfg, layer_ids, steps, mode, grid_hw):
   return jax.jit(one)
 
 
-def resolve_devices(devices) -> list:
-  """None -> [the first device] (one-device behaviour); 'all' -> every local device; an int n ->
-  the first n local devices; a sequence of devices as given."""
-  if devices is None:
-    return [jax.local_devices()[0]]
-  if isinstance(devices, str):
-    if devices != "all":
-      raise ValueError(f"devices must be None, 'all', a count or a list of devices; got {devices!r}")
-    return list(jax.local_devices())
-  if isinstance(devices, (int, np.integer)):
-    local = jax.local_devices()
-    if not 1 <= devices <= len(local):
-      raise ValueError(f"devices={devices}: this process has {len(local)} local devices")
-    return list(local[:devices])
-  return list(devices)
-
-
-def _sharding(devs, shard: bool):
-  """The NamedSharding of a 1-D 'data' mesh over ``devs``, axis 0 split (``shard``) or replicated;
-  None for one device (the single-device program)."""
-  if len(devs) == 1:
-    return None
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
-  return NamedSharding(Mesh(np.asarray(devs), ("data",)), PartitionSpec("data") if shard else PartitionSpec())
-
-
-def _put(x, devs, shard: bool):
-  """x onto ``devs``: split along axis 0 over a 1-D 'data' mesh (``shard``) or replicated there.
-  One device: a plain device_put (the single-device program)."""
-  s = _sharding(devs, shard)
-  return jax.device_put(x, devs[0] if s is None else s)
-
-
 # ----------------------------------------------------------------------------- inputs, buckets
 
 def bucket_size(k: int) -> int:
@@ -759,8 +727,8 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
   hyper = hyper_args(lr, alpha, wd, steps)
   devs = resolve_devices(devices)
   nd = len(devs)
-  hyper_d = [_put(h, devs, False) for h in hyper] + [_put(empty, devs, False)]
-  params_d = _put(params, devs, False)
+  hyper_d = [put(h, devs, False) for h in hyper] + [put(empty, devs, False)]
+  params_d = put(params, devs, False)
 
   def result(r, k):
     res = {"lets": r["lets"][:k], "z0": r["z0"], "losses": r["losses"], "dice": r["dice"],
@@ -808,8 +776,8 @@ def invert(model, params, images, masks=None, *, boxes=None, mask_size=None, mod
         k = per_image[i].shape[0]
         mk[j, :k] = per_image[i]
         wt[j, :k] = 1.0 / k
-      out = fn(params_d, _put(np.asarray(ims[np.asarray(rows)]), devs, True), _put(mk, devs, True),
-               _put(wt, devs, True), *hyper_d)
+      out = fn(params_d, put(np.asarray(ims[np.asarray(rows)]), devs, True), put(mk, devs, True),
+               put(wt, devs, True), *hyper_d)
       for j, i in enumerate(part):
         results[i] = result({key: val[j] for key, val in out.items()}, per_image[i].shape[0])
   return results if as_list else results[0] if b == 1 else results
@@ -837,7 +805,7 @@ def _invert_chunked(cfg, params, image, masks, size, layer_ids, steps, mode, pos
   grid_hw = (image.shape[0] // ps, image.shape[1] // ps)
   *hyper, empty = hyper
   prep = _compiled_prepare(cfg, layer_ids, mode, pos_interp, chunk, correction, threshold)(
-      params, _put(np.asarray(image, np.float32), devs, False), empty)
+      params, put(np.asarray(image, np.float32), devs, False), empty)
   run = _compiled_chunk(cfg, layer_ids, int(steps), mode, grid_hw)
   k = masks.shape[0]
   outs = []
@@ -848,7 +816,7 @@ def _invert_chunked(cfg, params, image, masks, size, layer_ids, steps, mode, pos
     mk[:n] = part
     wt = np.zeros((size,), np.float32)
     wt[:n] = 1.0 / k
-    out = run(params, prep, _put(mk, devs, True), _put(wt, devs, True), *hyper)
+    out = run(params, prep, put(mk, devs, True), put(wt, devs, True), *hyper)
     outs.append({key: np.asarray(val) for key, val in out.items()} | {"_n": n})
   per_mask = ("lets", "grid", "map", "pre_grid", "pre_map", "dice0", "dice_final")
   res = {key: np.concatenate([o[key][:o["_n"]] for o in outs]) for key in per_mask}
