@@ -10,7 +10,8 @@ compute, remat=block, explicit attention, mesh 1 x chips x 1 (every chip an fsdp
 one compile of the real train step (training/plan.py; minutes on a 2-core host), appended to the cache
 as soon as it is done, so a re-run skips the rows it has; ``--budget-s`` starts no new row after that
 many seconds. ``--search`` then runs ``trace-jax plan --search`` (cli/plan.search) over a narrow space
-(``SEARCH``) for the rows that have a plan, and records the fastest plan that fits. Prints the Markdown
+(``SEARCH``) for the rows that have a plan, and records the fastest plan that fits; each compiled
+cell is cached too, so a killed search resumes without recompiling it (nor the row's own plan). Prints the Markdown
 table (rows not run say so). Compiled estimates, not measurements (docs/scale.md).
 """
 from __future__ import annotations
@@ -136,9 +137,15 @@ def main() -> int:
   if args.search:
     for row, config, devs, topo in pending("search"):
       n = len(devs)
+      # the row's own plan and any cell a killed search compiled are taken from the cache, not recompiled
+      known = [plan_lib.Plan.from_row(r["plan"]) for (k, kind), r in done.items()
+               if k == _key(row) and (kind == "plan" or kind.startswith("cell "))]
+
+      def on_plan(p, row=row):
+        print(plan_lib.format_plan(p), flush=True)
+        record(row, {"kind": f"cell {p.cell()}", "plan": p.row()})
       plans, fit = cli.search(config, _sets(row[0]), devs, topo, batch=BATCH,
-                              meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH,
-                              on_plan=lambda p: print(plan_lib.format_plan(p), flush=True))
+                              meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH, on_plan=on_plan, known=known)
       record(row, {"kind": "search", "n": len(plans), "best": fit[0].row() if fit else None})
   print(markdown(done))
   return 0

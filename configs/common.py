@@ -84,7 +84,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict(dict(
       split="test", methods="gradcam", layer=-1, threshold=0.5, batch_size=50,
-      num_examples=placeholder(int), gallery=8, text="phrase"))
+      num_examples=placeholder(int), gallery=8, text="phrase",
+      # after_train: train.py evaluates the finished run on its training mesh, every process taking
+      # part (the embedded grounding evaluation, evaluation/embedded.py); process 0 writes
+      # <workdir>/eval/eval.json. Off: evaluate.py on the exported model dir, as before.
+      after_train=False))
   return c
 
 
@@ -105,7 +109,8 @@ def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
   """Sets ``{'a.b': 'value'}`` string overrides in place (``--set a.b=value``), parsed as the type of the
-  current value; an unknown key is an error that names it and the closest known key."""
+  current value (an unset None placeholder: as a Python literal, else kept as the string); an unknown
+  key is an error that names it and the closest known key."""
   for k, v in overrides.items():
     node = config
     *path, last = k.split(".")
@@ -119,8 +124,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
       if v not in ("True", "False", "true", "false", "1", "0"):
         raise ValueError(f"--set {k}: expected a boolean, got {v!r}")
       node[last] = v in ("True", "true", "1")
+    elif old is None:   # an unset placeholder: a Python literal (8, 0.5, None, (1, 2)) or else the string
+      import ast
+      try:
+        node[last] = ast.literal_eval(v)
+      except (ValueError, SyntaxError, TypeError):
+        node[last] = v
     else:
-      node[last] = type(old)(v) if old is not None else v
+      node[last] = type(old)(v)
   return config
 
 

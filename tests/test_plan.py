@@ -15,6 +15,7 @@ topology on this CPU host (no TPU), tiny model.
   scale with the batch, and MaskInversion's step loop is counted once per step (not once in all);
 * ``--search`` ranks the plans that fit by estimated step time and leaves out the one that does not.
 """
+import json
 import os
 import subprocess
 import sys
@@ -223,3 +224,11 @@ def test_search_ranks_plans_that_fit(devices, tmp_path, monkeypatch):
   assert len(fit) == 2 and all(p.fits for p in fit) and {p.mesh for p in fit} == {(2, 2, 1), (1, 4, 1)}
   times = [p.step_time_s for p in fit]
   assert times == sorted(times) and times[0] > 0
+  # known plans (a cache's rows, through Plan.row / from_row) are taken, not compiled again
+  seen2 = []
+  known = [plan_lib.Plan.from_row(json.loads(json.dumps(p.row()))) for p in plans[:2]]
+  plans2, fit2 = cli.search(path, sets, devices, "v5e:2x2", batch=64, meshes=[(4, 1, 1), (2, 2, 1), (1, 4, 1)],
+                            remats=("none",), attentions=("explicit",), microbatches=(1,), on_plan=seen2.append,
+                            known=known)
+  assert plans2[:2] == known and seen2 == plans2[2:] and len(seen2) == 1
+  assert [p.mesh for p in fit2] == [p.mesh for p in fit]

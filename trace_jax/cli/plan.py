@@ -69,21 +69,10 @@ def _config(path: str, sets: list[str]):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   config = mod.get_config()
-  import ast
   for s in sets:
     if "=" not in s:
       raise ValueError(f"--set {s!r}: expected KEY=VALUE")
-    k, v = s.split("=", 1)
-    node = config
-    for part in k.split(".")[:-1]:
-      node = node.get(part) if hasattr(node, "get") else None
-    if node is not None and k.split(".")[-1] in node and node[k.split(".")[-1]] is None:  # unset placeholder
-      try:
-        node[k.split(".")[-1]] = ast.literal_eval(v)
-        continue
-      except (ValueError, SyntaxError, TypeError):
-        pass
-    common.apply_overrides(config, {k: v})
+    common.apply_overrides(config, dict([s.split("=", 1)]))
   return config
 
 
@@ -126,29 +115,46 @@ def _choices(s: str, allowed, kind=str, flag=""):
   return vals
 
 
-def plan_train(config_path: str, sets: list[str], devices, topology: str, *, batch: int, mesh, tool: dict):
-  """The train-step plan of the config with ``tool`` = {remat, attention, microbatches} applied."""
-  from trace_jax.training import plan as plan_lib
+def _train_setup(config_path: str, sets: list[str], tool: dict):
+  """(config, task, cost_task) of the config with ``tool``'s model options (remat, attention) set."""
   tool_sets = [f"model.remat={tool['remat']}", f"model.attention={tool['attention']}"]
   config = _config(config_path, sets + tool_sets)
   cost_task = None
   if config.model.scan_layers:   # XLA counts a scanned block once: FLOPs from the unrolled step
     cost_task = _task(_config(config_path, sets + tool_sets + ["model.scan_layers=False"]))
-  return plan_lib.compile_train_step(_task(config), config, devices, topology, batch=batch, mesh_shape=mesh,
+  return config, _task(config), cost_task
+
+
+def plan_train(config_path: str, sets: list[str], devices, topology: str, *, batch: int, mesh, tool: dict,
+               setup=None):
+  """The train-step plan of the config with ``tool`` = {remat, attention, microbatches} applied
+  (``setup``: its :func:`_train_setup`, when the caller already built it)."""
+  from trace_jax.training import plan as plan_lib
+  config, task, cost_task = setup or _train_setup(config_path, sets, tool)
+  return plan_lib.compile_train_step(task, config, devices, topology, batch=batch, mesh_shape=mesh,
                                      microbatches=int(tool["microbatches"]), cost_task=cost_task)
 
 
 def search(config_path: str, sets: list[str], devices, topology: str, *, batch: int, meshes=None,
-           remats=REMATS, attentions=ATTENTIONS, microbatches=MICROBATCHES, on_plan=None):
+           remats=REMATS, attentions=ATTENTIONS, microbatches=MICROBATCHES, on_plan=None, known=()):
   """Compile every (mesh, remat, attention, microbatches) of the space -> (all plans, the plans that
   fit ranked by estimated step time, fastest first). A mesh / microbatch count that does not divide
-  the batch is skipped (reported on stderr); ``on_plan(plan)`` is called after each compile."""
+  the batch is skipped (reported on stderr); ``on_plan(plan)`` is called after each compile.
+  ``known``: plans already compiled for this config, batch and topology (``Plan.cell`` says where
+  they sit in the space), taken instead of compiling those points again."""
   meshes = list(meshes) if meshes is not None else _candidates(len(devices))
-  plans = []
+  plans, setups = [], {}   # one task per model option pair, shared by the meshes and microbatches
+  have = {p.cell(): p for p in known}
   for mesh, remat, attn, mb in itertools.product(meshes, remats, attentions, microbatches):
     tool = dict(remat=remat, attention=attn, microbatches=int(mb))
+    if (tuple(mesh), remat, attn, int(mb)) in have:
+      plans.append(have[tuple(mesh), remat, attn, int(mb)])
+      continue
+    if (remat, attn) not in setups:
+      setups[remat, attn] = _train_setup(config_path, sets, tool)
     try:
-      p = plan_train(config_path, sets, devices, topology, batch=batch, mesh=tuple(mesh), tool=tool)
+      p = plan_train(config_path, sets, devices, topology, batch=batch, mesh=tuple(mesh), tool=tool,
+                     setup=setups[remat, attn])
     except ValueError as e:   # a mesh the batch / microbatches do not divide
       print(f"skipped mesh {tuple(mesh)} {tool}: {e}", file=sys.stderr)
       continue

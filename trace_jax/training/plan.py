@@ -101,6 +101,17 @@ class Plan:
     d["fits"] = self.fits
     return d
 
+  @classmethod
+  def from_row(cls, row: dict) -> "Plan":
+    """The plan a ``row()`` describes (a cached compile: benchmarks/plan_table.py)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in row.items() if k in names}, "mesh": tuple(row["mesh"])})
+
+  def cell(self) -> tuple:
+    """(mesh, remat, attention, microbatches): the point of ``trace-jax plan --search``'s space."""
+    o = self.options
+    return (tuple(self.mesh), o["remat"], o["attention"], int(o["microbatches"]))
+
 
 # XLA:TPU's over-HBM compile errors (two wordings seen from libtpu): the bytes it needed.
 _OOM = (re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
