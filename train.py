@@ -28,14 +28,49 @@ def run(config, workdir: str):
   """The data source and objective of ``config``, trained in ``workdir`` (resumes); the final state.
 
   ``config.init_from``: a model dir whose config, tokenizer and params (and matching heads) start the
-  run (read again on resume, where the checkpoint's params win)."""
+  run (read again on resume, where the checkpoint's params win). ``config.eval.after_train``: a run
+  that finished (not pre-empted) is then evaluated on its training mesh (``evaluate_on_mesh``)."""
   from trace_jax import model_dir, objectives
   from trace_jax.data import sources
+  from trace_jax.training import mesh as mesh_lib
   from trace_jax.training.loop import train
+  _check_eval_after_train(config)     # before anything is trained
   init = model_dir.load(config.init_from, dtype=None) if config.init_from else None
   source = sources.make(config, tokenizer=init.tokenizer if init is not None else None)
   task = objectives.make(config, source.info, init)
-  return train(config, workdir, task, source)
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  state = train(config, workdir, task, source, mesh=mesh)
+  if config.eval.get("after_train"):
+    from trace_jax.training import multihost
+    if int(multihost.host_params(state.step)) >= int(config.train.steps):   # the same on every process
+      evaluate_on_mesh(config, workdir, state, task, source.info, mesh)
+  return state
+
+
+def _check_eval_after_train(config) -> None:
+  if not config.eval.get("after_train"):
+    return
+  from trace_jax.evaluation import tasks
+  task = tasks.task_of(config)
+  if task != "grounding" or config.data.name != "trace_shapes":
+    raise ValueError(f"eval.after_train runs the embedded set's grounding evaluation (evaluation/embedded.py) "
+                     f"on the training mesh; this config's evaluation is {task!r} on data.name "
+                     f"{config.data.name!r} (it needs 'grounding' on 'trace_shapes'): leave it off and run "
+                     "evaluate.py on the exported model dir")
+
+
+def evaluate_on_mesh(config, workdir: str, state, task, data_info, mesh) -> dict:
+  """The embedded grounding evaluation of the trained ``state`` on ``mesh`` (docs/scale.md): every
+  process calls it (the maps are one program on the whole mesh, gathered to every process), the
+  model is the exported tree read from the sharded state in memory (not re-read from disk),
+  each process reads only its rows of each eval batch (split over the train loop's batch axes), and
+  process 0 writes ``<workdir>/eval/eval.json`` and the galleries. Returns the metrics."""
+  import os
+  from trace_jax.evaluation import embedded
+  from trace_jax.training import sharding as shd
+  from trace_jax.training.loop import state_model_dir
+  md = state_model_dir(state, task, data_info, os.path.join(workdir, "model"))
+  return embedded.evaluate(config, md, os.path.join(workdir, "eval"), mesh=mesh, batch_axes=shd.BATCH_AXES)
 
 
 def main(argv):

@@ -3,7 +3,7 @@
     python tests/_multiprocess_worker.py SPEC_JSON
 
 SPEC: {"process_id", "num_processes", "port", "devices", "runs": [{"workdir", "loss", "mesh": [d, f, t],
-"steps", "out", ...}]}. Each process sees ``devices`` emulated CPU devices; with num_processes > 1 it
+"steps", "out", "sets": {KEY: VALUE} config overrides, ...}]}. Each process sees ``devices`` emulated CPU devices; with num_processes > 1 it
 joins ``jax.distributed`` at 127.0.0.1:port with gloo CPU collectives, so the mesh spans every
 process' devices. Each run goes through train.py's ``run`` (the real loop: this process' rows of each
 batch, orbax checkpoints, pre-emption, export by process 0); then the final params are gathered and
@@ -65,6 +65,7 @@ def make_config(run: dict):
     c.data.name, c.data.image_size, c.data.context_length, c.data.vocab_size = "random", 32, 8, 1000
     c.model.preset, c.model.vision_layers, c.model.text_layers = "tiny", 1, 1
     c.loss.local.layers = 1
+  common.apply_overrides(c, {k: str(v) for k, v in run.get("sets", {}).items()})   # e.g. the eval test's
   return c
 
 

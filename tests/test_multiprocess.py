@@ -14,7 +14,12 @@ and reaps the processes with a deadline: a hang is a failure (every process is k
 * pre-emption: SIGTERM to ONE of two processes -> both save the same step and exit 0 (jax's
   preemption sync point); the run resumes on 1 process and ends with the parameters of an
   uninterrupted run; and the other way round (SIGTERM to a 1-process run, resumed on 2 processes),
-  whose model dir, written once by process 0 from the sharded state, holds those parameters.
+  whose model dir, written once by process 0 from the sharded state, holds those parameters;
+* evaluation on the full mesh (``eval.after_train``): a 2-process AMC run on the embedded shapes set
+  evaluates on its 2 x 2 x 2 training mesh (each process its rows, maps gathered, process 0 writes);
+  its eval.json equals the one-process, one-device ``evaluate`` of the model dir it exported (the same
+  params: metrics equal to 1e-6, i.e. no phrase's hit or pixel count differs), over a batch size (5)
+  that is not a multiple of the 4 batch devices and leaves a partial last batch.
 """
 import json
 import os
@@ -207,3 +212,30 @@ def test_sigterm_on_one_process_all_save_same_step_then_resume_on_other_count(tm
   import jax
   for path, v in jax.tree.leaves_with_path(loaded.params):
     np.testing.assert_array_equal(np.asarray(v), got["['clip']" + jax.tree_util.keystr(path)])
+
+
+EVAL_SETS = {"data.name": "trace_shapes", "data.image_size": 32,
+             "data.split_sizes": "train=24,validation=4,test=6,heldout=4,openvocab=6",   # trace_data's build
+             "eval.after_train": True, "eval.methods": "gradcam,patch_similarity", "eval.batch_size": 5,
+             "eval.gallery": 2}
+
+
+def test_eval_after_train_on_the_two_process_mesh(tmp_path, trace_data):
+  from configs import common
+  from trace_jax import model_dir
+  from trace_jax.evaluation import embedded
+  run = {"workdir": str(tmp_path / "ev"), "loss": "amc", "mesh": [2, 2, 2], "steps": 2,
+         "out": str(tmp_path / "ev.npz"), "sets": {**EVAL_SETS, "data.data_dir": trace_data}}
+  two = Launch(tmp_path, "ev2", 2, [run]).wait()
+  got = json.load(open(tmp_path / "ev" / "eval" / "eval.json"))
+  assert (tmp_path / "ev" / "eval" / "gallery_gradcam.png").exists()
+  assert not [f for f in os.listdir(tmp_path / "ev" / "eval") if ".tmp" in f]   # renamed into place
+  config = common.apply_overrides(common.get_config(), {k: str(v) for k, v in run["sets"].items()})
+  want = embedded.evaluate(config, model_dir.load(str(tmp_path / "ev" / "model")), str(tmp_path / "ref"),
+                           verbose=False)
+  assert got["num_phrases"] == want["num_phrases"] and want["num_phrases"] > 5 and want["num_phrases"] % 5, \
+      (want["num_phrases"], two.text(0)[-2000:])
+  assert set(got["methods"]) == {"gradcam", "patch_similarity"}
+  for m, r in want["methods"].items():
+    for k, v in r.items():
+      np.testing.assert_allclose(got["methods"][m][k], v, atol=1e-6, err_msg=f"{m} {k}")

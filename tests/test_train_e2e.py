@@ -154,3 +154,17 @@ def test_amc_term_improves_gradcam_grounding_over_contrastive(tmp_path):
   base_loss, base_pg = run("contrastive")
   assert amc_loss < base_loss - 0.05, (amc_loss, base_loss)
   assert amc_pg > base_pg + 0.1, (amc_pg, base_pg)
+
+
+def test_eval_after_train_refuses_a_config_it_cannot_evaluate():
+  """eval.after_train runs the embedded grounding evaluation: a run on other data (or a TRACE run)
+  is refused before anything is trained, naming the key and the data (the 2-process run that uses
+  it: tests/test_multiprocess.py)."""
+  sys.path.insert(0, ROOT)
+  import train as train_py
+  from configs.common import apply_overrides, get_config as default_config
+  c = apply_overrides(default_config(), {"eval.after_train": "true", "data.name": "random"})
+  with pytest.raises(ValueError, match=r"eval.after_train.*'random'"):
+    train_py._check_eval_after_train(c)
+  c = apply_overrides(default_config(), {"eval.after_train": "true", "data.name": "trace_shapes"})
+  train_py._check_eval_after_train(c)      # grounding on the embedded set: accepted

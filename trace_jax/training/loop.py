@@ -300,6 +300,21 @@ def _train_locked(config, workdir, task, source, mesh):
   return state
 
 
+def state_model_dir(state, task, data_info: dict | None, path: str):
+  """The trained model as a loaded model dir (``model_dir.ModelDir``, as ``model_dir.load`` returns
+  it) straight from the train state, without a round trip through disk: the exported tree
+  (``scale.inference_layout``: unrolled blocks, training-only tools at their defaults; float32
+  compute as ``model_dir.load``) whose params stay where the state keeps them (sharded over the
+  mesh, every process holding its shards). ``path``: the dir it names (the export's ``workdir/model``)."""
+  from trace_jax import model_dir
+  from trace_jax.models import build, scale
+  cfg, params = scale.inference_layout(task.cfg, state.params)
+  cfg = cfg.replace(dtype="float32")
+  heads = {k: model_dir.Head(task.heads[k], v) for k, v in params.items() if k != "clip"}
+  return model_dir.ModelDir(os.path.abspath(path), cfg, build(cfg), params["clip"],
+                            (data_info or {}).get("tokenizer"), heads)
+
+
 def export_model(directory: str, state, task, data_info: dict | None, config) -> str:
   """The trained params -> a model dir: CLIP params, the data's tokenizer and the objective's heads."""
   import tempfile
