@@ -73,3 +73,16 @@ def clip_bpe(context_length: int = 77):
   from trace_jax.tokenizers import CLIPTokenizer
   return CLIPTokenizer.from_bpe_gz(os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz"),
                                    context_length=context_length)
+
+
+def counted_pair(prepare, chunk):
+  """(calls, prepare', chunk'): the two programs wrapped to count their calls in ``calls``
+  ({'prepare': n, 'chunk': m}): the image-forward-once tests of inference/explain.py."""
+  calls = {"prepare": 0, "chunk": 0}
+
+  def counted(name, f):
+    def g(*a):
+      calls[name] += 1
+      return f(*a)
+    return g
+  return calls, counted("prepare", prepare), counted("chunk", chunk)

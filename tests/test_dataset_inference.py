@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import counted_pair
 
 from trace_jax import placement
 from trace_jax.inversion import maskinversion as mi
@@ -216,14 +217,8 @@ def test_explain_prompts_legrad_runs_the_image_tower_once(tiny, monkeypatch):
   ids[:, 6] = 999
   ref = {k: np.asarray(v) for k, v in explain("legrad", model, params, img[None], ids).items()}
   prepare, chunk = ie.legrad_programs(cfg, (0, 1), "antialias")  # layers=-2 of a 2-block tower
-  calls = {"prepare": 0, "chunk": 0}
-
-  def counted(name, f):
-    def g(*a):
-      calls[name] += 1
-      return f(*a)
-    return g
-  monkeypatch.setattr(ie, "legrad_programs", lambda *a: (counted("prepare", prepare), counted("chunk", chunk)))
+  calls, *wrapped = counted_pair(prepare, chunk)
+  monkeypatch.setattr(ie, "legrad_programs", lambda *a: tuple(wrapped))
   got = ie.explain_prompts("legrad", model, params, img, ids, max_prompts=4)
   assert calls == {"prepare": 1, "chunk": 3}
   assert set(got) == set(ref)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import counted_pair
 
 from trace_jax.models import build, get_config, init_params
 
@@ -67,14 +68,8 @@ def test_chunks_equal_one_call_and_run_the_image_tower_once(tower, method, kw, m
   progs = ie.programs(method, model, kw)
   assert progs is not None, "a split method must take the one-forward path"
   prepare, chunk = progs
-  calls = {"prepare": 0, "chunk": 0}
-
-  def counted(name, f):
-    def g(*a):
-      calls[name] += 1
-      return f(*a)
-    return g
-  monkeypatch.setattr(ie, "programs", lambda *a: (counted("prepare", prepare), counted("chunk", chunk)))
+  calls, *wrapped = counted_pair(prepare, chunk)
+  monkeypatch.setattr(ie, "programs", lambda *a: tuple(wrapped))
   got = ie.explain_prompts(method, model, params, img, ids, max_prompts=4, **kw)
   assert calls == {"prepare": 1, "chunk": 3}
   _check(got, ref, f"{method} {kw} chunks of 4")
