@@ -483,3 +483,20 @@ def test_dataset_commands_on_a_crate_tower(dataset_dir, crate_dir, capsys):
     assert main(argv + ["--checkpoint", crate_dir, "--out", str(out), "--no-progress"]) == 2
     assert msg in capsys.readouterr().err
     assert not out.exists() or not any(out.iterdir())  # refused before any shard or index
+
+
+def test_placed_params_are_not_copied_again(tiny):
+  """cli/datasets.placed puts the params on the devices once per run; the per-image calls' own
+  placement of that tree (placement.put) reuses the same device buffers (no copy of the weights per
+  image), on 1 and on 8 devices."""
+  import argparse
+  from trace_jax.cli.datasets import placed
+  cfg, params, model = tiny
+  for n in ("1", "all"):
+    devs, p = placed(argparse.Namespace(devices=n), params)
+    assert len(devs) == (1 if n == "1" else len(jax.local_devices()))
+    again = placement.put(p, devs, False)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(again)):
+      assert [s.data.unsafe_buffer_pointer() for s in a.addressable_shards] == \
+          [s.data.unsafe_buffer_pointer() for s in b.addressable_shards]
+    assert all(len(a.addressable_shards) == len(devs) for a in jax.tree.leaves(p))   # on every device

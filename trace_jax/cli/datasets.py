@@ -80,6 +80,15 @@ def devices_of(args):
     raise ValueError(f"--devices must be 'all' or a count; got {d!r}") from None
 
 
+def placed(args, params):
+  """(this process' devices of ``--devices``, ``params`` replicated on them): placed ONCE per run, so
+  the per-image calls (``invert`` / ``explain_prompts`` / ``embed``, whose own placement of an
+  already placed tree is a no-op) copy no weights to the devices again."""
+  from trace_jax.placement import put, resolve_devices
+  devs = resolve_devices(devices_of(args))
+  return devs, put(params, devs, False)
+
+
 def _images_dir(args) -> str:
   d = args.images
   if isinstance(d, list):  # embed's --images takes files; here it names one folder
@@ -155,7 +164,7 @@ def run_invert(args, check_mask, settings_of=lambda m, args: {}) -> int:
   # --memory-gb bounds what the calls add to the peak (maskinversion.plan: the backend's runtime
   # overhead over its estimate included; tests/test_dataset_processes.py measures the RSS)
   budget = None if args.memory_gb is None else args.memory_gb * 2 ** 30
-  devices = devices_of(args)
+  devices, params = placed(args, m.params)
 
   def compute(part):
     lets, mask_ids, mask_image, dice0, dice1, maps, failed = [], [], [], [], [], [], []
@@ -182,7 +191,7 @@ def run_invert(args, check_mask, settings_of=lambda m, args: {}) -> int:
         failed.append((item.id, "no masks"))
       if not arrays:
         continue
-      res = common.invert_by_size(m.model, m.params, image, arrays, mode=args.mode,
+      res = common.invert_by_size(m.model, params, image, arrays, mode=args.mode,
                                   layers=args.layer_index, steps=args.steps, lr=args.lr,
                                   alpha=args.alpha, wd=args.wd, budget=budget, devices=devices, **kw)
       lets.append(res["lets"])
@@ -224,7 +233,7 @@ def run_explain(args, runner) -> int:
   check_explain(runner)
   items = items_of(args, "explain")
   texts = tuple(args.text or ())
-  devices = devices_of(args)
+  devices, params = placed(args, runner.params)
 
   def compute(part):
     res, failed, all_texts, pair_image = [], [], [], []
@@ -242,7 +251,7 @@ def run_explain(args, runner) -> int:
         failed.append((item.id, "no prompts"))
         continue
       ids = runner.tokenize(prompts)
-      out = explain_prompts(runner.method, runner.model, runner.params, image, ids,
+      out = explain_prompts(runner.method, runner.model, params, image, ids,
                             max_prompts=args.max_prompts, devices=devices, **runner.settings)
       res.append(out)
       all_texts += prompts
@@ -264,7 +273,7 @@ def run_embed(args) -> int:
   _out_dir(args)
   m = common.load(args.checkpoint)
   items = items_of(args, "embed")
-  devices = devices_of(args)
+  devices, params = placed(args, m.params)
 
   def compute(part):
     ok, pix, failed = [], [], []
@@ -280,7 +289,7 @@ def run_embed(args) -> int:
     if pix:
       # padded to the shard size: every shard runs the same program (resumed runs equal fresh ones)
       x = np.stack(pix + [pix[-1]] * (args.shard_size - len(pix)))
-      emb = embed(m.cfg, m.params, x, None, args.batch_size, devices=devices)["image_embeds"][:len(pix)]
+      emb = embed(m.cfg, params, x, None, args.batch_size, devices=devices)["image_embeds"][:len(pix)]
     return {"image_embeds": emb, "image_index": np.asarray(ok, np.int32)}, failed
 
   return _run_dataset(args, "embed", items, compute)
