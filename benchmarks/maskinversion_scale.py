@@ -9,12 +9,13 @@ matter come from an accelerator, benchmarks/device.sh). Random weights of the pr
 Reported per case: the plan (calls x masks per call), first call (compile + run), a second timed
 call (``--repeat 0``: none; masks/s then from the first call, compile included), masks/s, peak RSS
 of the process, and max|LET - LET(1 device)| / max|LET| against the
-1-device case of the same size (saved in a temp file). That error is held to the run's OWN float32
-sensitivity, not a fixed 1e-3: random ViT-B/16 weights at 100 masks amplify rounding (the map's
-min-max, the dice's argmax cells) so that 1e-6 noise on the pixels moves the LETs by ~1e-1. So the
-1-device case also runs once with the image + N(0, 1e-6) noise (``--sensitivity``, on by default),
-and a case passes when its error vs 1 device is <= max(1e-3, 2 x that sensitivity): sharding
-reorders float32 sums, which perturbs the run less than noise on every pixel does.
+1-device case of the same size (saved in a temp file), per mask. That error is held to the run's OWN
+float32 sensitivity, not a fixed 1e-3: random ViT-B/16 weights at 100 masks amplify rounding (the
+map's min-max, the dice's argmax cells) chaotically in a few masks, so that 1e-6 noise on the pixels
+moves 20-30 of 100 masks beyond 1e-3 and the worst by ~1e-1. So the 1-device case also runs
+``--sensitivity`` (default 3) more times with the image + N(0, 1e-6) noise, and a case passes when
+the median mask agrees to 1e-3 (the bulk: a sharding bug moves most masks) and the worst mask moves
+no more than 2 x the worst noise draw's (``judge``).
 """
 from __future__ import annotations
 
@@ -64,22 +65,42 @@ def child(a) -> None:
     jax.block_until_ready(out["lets"])
     second = time.perf_counter() - t0
   lets = np.asarray(out["lets"])
-  noise = None
-  if a.sensitivity and a.devices == 1:   # the run's own float32 sensitivity (module docstring)
-    pert = img + np.random.default_rng(1).normal(0, 1e-6, img.shape).astype(np.float32)
-    other = np.asarray(mi.invert(model, params, pert, masks, **kw)["lets"])
-    noise = float(np.abs(other - lets).max() / np.abs(lets).max())
+  noise = []     # per noise draw: (max, median) over masks of |dLET| / max|LET|
+  if a.devices == 1:   # the run's own float32 sensitivity (module docstring)
+    for draw in range(1, a.sensitivity + 1):
+      pert = img + np.random.default_rng(draw).normal(0, 1e-6, img.shape).astype(np.float32)
+      other = np.asarray(mi.invert(model, params, pert, masks, **kw)["lets"])
+      noise.append(_mask_errors(other, lets))
   err = None
   if a.ref and os.path.exists(a.ref):
-    ref = np.load(a.ref)
-    err = float(np.abs(lets - ref).max() / np.abs(ref).max())
+    err = _mask_errors(lets, np.load(a.ref))
   elif a.ref:
     np.save(a.ref, lets)
   print(json.dumps({"size": s, "devices": a.devices, "calls": pl["calls"], "chunk": pl["chunk"],
                     "est_gb_per_device": pl["bytes_per_device"] / 1e9, "first_s": first,
                     "second_s": second, "masks_per_s": a.masks / (second or first),
                     "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
-                    "let_rel_err_vs_1_device": err, "let_rel_err_1e-6_noise": noise}))
+                    "let_err_vs_1_device": err, "let_err_1e-6_noise": noise}))
+
+
+def _mask_errors(lets, ref) -> dict:
+  """Per-mask max |lets - ref| / max|ref| -> {'max', 'median', 'over_1e-3' (count of masks)}."""
+  per = np.abs(lets - ref).max(axis=1) / np.abs(ref).max()
+  return {"max": float(per.max()), "median": float(np.median(per)), "over_1e-3": int((per > 1e-3).sum())}
+
+
+def judge(err: dict, noise: list) -> tuple[bool, str]:
+  """A case vs 1 device passes when its BULK agrees to float32 (median over masks <= 1e-3: a
+  sharding bug, e.g. masks on the wrong rows or the wrong 1/K weights, moves most masks) and its
+  worst mask moves no more than 1e-6 pixel noise moves one (max <= max(1e-3, 2 x the largest max
+  over the noise draws): the optimisation amplifies rounding chaotically in a few masks, and
+  reordered float32 sums are such a perturbation; seen here: one mask moving 5.9e-2 between two
+  runs of the same 4-device program while 1e-6 noise moved 19-31 masks beyond 1e-3, up to 8.6e-2)."""
+  worst = max([n["max"] for n in noise], default=0.0)
+  tol = max(1e-3, 2 * worst)
+  ok = err["median"] <= 1e-3 and err["max"] <= tol
+  return ok, (f"max {err['max']:.1e} ({'<=' if err['max'] <= tol else 'ABOVE'} {tol:.1e}), median "
+              f"{err['median']:.1e}, {err['over_1e-3']} masks > 1e-3")
 
 
 def main() -> None:
@@ -93,8 +114,8 @@ def main() -> None:
   p.add_argument("--mode", default="exact", choices=("exact", "decomposed"))
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--repeat", type=int, default=1, choices=(0, 1), help="a second, timed call (0: none)")
-  p.add_argument("--sensitivity", type=int, default=1, choices=(0, 1),
-                  help="1-device case: a second call with 1e-6 pixel noise (the tolerance of the others)")
+  p.add_argument("--sensitivity", type=int, default=3,
+                  help="1-device case: this many more calls with 1e-6 pixel noise (the tolerance of the others)")
   p.add_argument("--child", action="store_true")
   p.add_argument("--ref", default=None)
   a = p.parse_args()
@@ -121,19 +142,18 @@ def main() -> None:
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
   print("\n| size | devices | calls x masks | est. GB/device | first s | second s | masks/s | peak RSS GB "
-        "| LET err vs 1 dev (tolerance) |")
+        "| per-mask LET error vs 1 device |")
   print("|---|---|---|---|---|---|---|---|---|")
-  tol = {r["size"]: max(1e-3, 2 * r["let_rel_err_1e-6_noise"]) for r in rows
-         if r["let_rel_err_1e-6_noise"] is not None}
+  noise = {r["size"]: r["let_err_1e-6_noise"] for r in rows if r["devices"] == 1}
   failed = []
   for r in rows:
     sec = "—" if r["second_s"] is None else f"{r['second_s']:.2f}"
-    e, t = r["let_rel_err_vs_1_device"], tol.get(r["size"], 1e-3)
-    if e is None:
-      cell = "—" if r["let_rel_err_1e-6_noise"] is None else f"— (1e-6 noise: {r['let_rel_err_1e-6_noise']:.1e})"
+    if r["let_err_vs_1_device"] is None:
+      cell = "— (1e-6 noise, per draw: " + "; ".join(
+          f"max {n['max']:.1e}, median {n['median']:.1e}, {n['over_1e-3']} > 1e-3" for n in r["let_err_1e-6_noise"]) + ")"
     else:
-      cell = f"{e:.1e} ({'<=' if e <= t else 'ABOVE'} {t:.1e})"
-      if e > t:
+      ok, cell = judge(r["let_err_vs_1_device"], noise.get(r["size"], []))
+      if not ok:
         failed.append(r)
     print(f"| {r['size']} | {r['devices']} | {r['calls']} x {r['chunk']} | {r['est_gb_per_device']:.2f} | "
           f"{r['first_s']:.1f} | {sec} | {r['masks_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {cell} |")
