@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The #18 table of benchmarks/RESULTS.md: compiled TPU plans (``trace-jax plan``) of CLIP training steps.
 
-    nice -n 15 python benchmarks/plan_table.py [--budget-s 1800] [--rows 0,1,4] [--search] \
+    nice -n 15 python benchmarks/plan_table.py [--budget-s 1800] [--rows 0,1,4] [--search] [--tools] \
         [--cache benchmarks/plan_table.jsonl]
 
 Rows: ViT-B/16, ViT-L/14, ViT-H/14 CLIP x contrastive / AMC x v5e-256 (v5e:16x16, 256 chips) / v5p-128
@@ -12,7 +12,9 @@ as soon as it is done, so a re-run skips the rows it has; ``--budget-s`` starts 
 many seconds. ``--search`` then runs ``trace-jax plan --search`` (cli/plan.search) over a narrow space
 (``SEARCH``) for the rows that have a plan, and records the fastest plan that fits; each compiled
 cell is cached too, so a killed search resumes without recompiling it (nor the row's own plan). Prints the Markdown
-table (rows not run say so). Compiled estimates, not measurements (docs/scale.md).
+table (rows not run say so). ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
+tool, each alone (``TOOLS``), to show what each saves. Compiled estimates, not measurements
+(docs/scale.md).
 """
 from __future__ import annotations
 
@@ -37,6 +39,13 @@ ROWS = [("ViT-B/16", "contrastive", "v5e-256"), ("ViT-B/16", "AMC", "v5e-256"),
         ("ViT-H/14", "contrastive", "v5e-256"), ("ViT-H/14", "AMC", "v5e-256"),
         ("ViT-H/14", "contrastive", "v5p-128"), ("ViT-H/14", "AMC", "v5p-128")]
 TOOL = dict(remat="block", attention="explicit", microbatches=1)
+# --tools: what each memory / speed tool changes, one at a time against the default step (docs/scale.md):
+# ViT-B/16 contrastive, bf16, global batch 2048 on v5e:4x4 (16 chips, 128 rows per chip as in ROWS on v5e-256), mesh 1 x 16 x 1
+TOOLS_ROW = ("ViT-B/16", "contrastive", "v5e:4x4", 2048)
+TOOLS = {"default": ({}, []), "remat=block": ({"remat": "block"}, []),
+         "remat=dots_with_no_batch_dims_saveable": ({"remat": "dots_with_no_batch_dims_saveable"}, []),
+         "scan_layers": ({}, ["model.scan_layers=True"]), "microbatches=4": ({"microbatches": 4}, []),
+         "attention=fused": ({"attention": "fused"}, [])}
 # --search: fsdp-heavy meshes (pure fsdp, and data x 16-way fsdp) x the two remat policies that save most
 SEARCH = dict(remats=("block", "dots_with_no_batch_dims_saveable"), attentions=("explicit",), microbatches=(1,))
 
@@ -98,12 +107,35 @@ def markdown(done: dict) -> str:
   return "\n".join(lines)
 
 
+def tools_markdown(done: dict) -> str:
+  """The --tools table: each tool alone against the default step (GiB per chip, temporaries, FLOPs)."""
+  preset, objective, topo, batch = TOOLS_ROW
+  lines = [f"{preset} {objective}, bf16, global batch {batch}, {topo}, mesh 1 x chips x 1:", "",
+           "| tool | fits | GiB / chip | temporaries GiB | TFLOP / chip | HBM GB / chip | est. step (ms) "
+           "| MFU bound (%) | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+  for name in TOOLS:
+    r = done.get((_key(("tools", name)), "tool"))
+    if r is None:
+      lines.append(f"| {name} | not run |  |  |  |  |  |  |  |")
+      continue
+    p = r["plan"]
+    if not p["compiled"]:
+      lines.append(f"| {name} | no | >= {p['bytes_per_chip'] / 2 ** 30:.1f} | — | — | — | — | — | {p['compile_s']:.0f} |")
+      continue
+    lines.append(f"| {name} | {'yes' if p['fits'] else 'no'} | {p['bytes_per_chip'] / 2 ** 30:.2f} | "
+                 f"{p['temp_bytes'] / 2 ** 30:.2f} | {p['flops_per_chip'] / 1e12:.2f} | "
+                 f"{p['hbm_accessed_per_chip'] / 1e9:.0f} | {p['step_time_s'] * 1e3:.0f} | "
+                 f"{100 * p['mfu_bound']:.1f} | {p['compile_s']:.0f} |")
+  return "\n".join(lines)
+
+
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--cache", default=os.path.join(ROOT, "benchmarks", "plan_table.jsonl"))
   ap.add_argument("--budget-s", type=float, default=1800.0, help="start no new compile after this many s")
   ap.add_argument("--rows", default=None, help="comma-separated row indices of ROWS (default: all, in order)")
   ap.add_argument("--search", action="store_true", help="also --search each row that has a plan")
+  ap.add_argument("--tools", action="store_true", help="also the one-tool-at-a-time table (TOOLS)")
   args = ap.parse_args()
   from trace_jax.cli import plan as cli
   from trace_jax.training import plan as plan_lib
@@ -147,6 +179,22 @@ def main() -> int:
       plans, fit = cli.search(config, _sets(row[0]), devs, topo, batch=BATCH,
                               meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH, on_plan=on_plan, known=known)
       record(row, {"kind": "search", "n": len(plans), "best": fit[0].row() if fit else None})
+  if args.tools:
+    preset, objective, topo, batch = TOOLS_ROW
+    config = os.path.join(ROOT, CONFIGS[objective])
+    for name, (tool, sets) in TOOLS.items():
+      key = ("tools", name)
+      if (_key(key), "tool") in done:
+        continue
+      if time.perf_counter() - t0 > args.budget_s:
+        print(f"budget spent: tool {name} not run", file=sys.stderr)
+        continue
+      devs = devices.setdefault(topo, plan_lib.topology(topo))
+      p = cli.plan_train(config, _sets(preset) + sets, devs, topo, batch=batch, mesh=(1, len(devs), 1),
+                         tool={"remat": "none", "attention": "explicit", "microbatches": 1, **tool})
+      print(name, "\n", plan_lib.format_plan(p), flush=True)
+      record(key, {"kind": "tool", "plan": p.row()})
+    print(tools_markdown(done))
   print(markdown(done))
   return 0
 
