@@ -34,7 +34,8 @@ def run(config, workdir: str):
   from trace_jax.data import sources
   from trace_jax.training import mesh as mesh_lib
   from trace_jax.training.loop import train
-  _check_eval_after_train(config)     # before anything is trained
+  from trace_jax.evaluation import tasks
+  tasks.check_after_train(config)     # before anything is trained
   init = model_dir.load(config.init_from, dtype=None) if config.init_from else None
   source = sources.make(config, tokenizer=init.tokenizer if init is not None else None)
   task = objectives.make(config, source.info, init)
@@ -45,18 +46,6 @@ def run(config, workdir: str):
     if int(multihost.host_params(state.step)) >= int(config.train.steps):   # the same on every process
       evaluate_on_mesh(config, workdir, state, task, source.info, mesh)
   return state
-
-
-def _check_eval_after_train(config) -> None:
-  if not config.eval.get("after_train"):
-    return
-  from trace_jax.evaluation import tasks
-  task = tasks.task_of(config)
-  if task != "grounding" or config.data.name != "trace_shapes":
-    raise ValueError(f"eval.after_train runs the embedded set's grounding evaluation (evaluation/embedded.py) "
-                     f"on the training mesh; this config's evaluation is {task!r} on data.name "
-                     f"{config.data.name!r} (it needs 'grounding' on 'trace_shapes'): leave it off and run "
-                     "evaluate.py on the exported model dir")
 
 
 def evaluate_on_mesh(config, workdir: str, state, task, data_info, mesh) -> dict:

@@ -12,7 +12,8 @@ as soon as it is done, so a re-run skips the rows it has; ``--budget-s`` starts 
 many seconds. ``--search`` then runs ``trace-jax plan --search`` (cli/plan.search) over a narrow space
 (``SEARCH``) for the rows that have a plan, and records the fastest plan that fits; each compiled
 cell is cached too, so a killed search resumes without recompiling it (nor the row's own plan). Prints the Markdown
-table (rows not run say so). ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
+table (rows not run say so). ``--flops`` adds to every cached plan the jaxpr FLOP counts (model /
+hardware, training/flops.py; tracing only) that the step times and MFU bounds are computed from. ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
 tool, each alone (``TOOLS``), to show what each saves. Compiled estimates, not measurements
 (docs/scale.md).
 """
@@ -78,29 +79,45 @@ def _append(cache: str, rec: dict) -> None:
     os.fsync(f.fileno())
 
 
+def _tflops(p: dict) -> str:
+  """model / hardware TFLOP per chip (jaxpr counts, training/flops.py), or '—' before ``--flops``."""
+  if not p.get("hw_flops_per_chip"):
+    return "—"
+  return f"{p['model_flops_per_chip'] / 1e12:.2f} / {p['hw_flops_per_chip'] / 1e12:.2f}"
+
+
 def _cell(p: dict | None) -> list[str]:
   if p is None:
-    return ["not run"] * 4
+    return ["not run"] * 5
   gib = p["bytes_per_chip"] / 2 ** 30
   if not p["compiled"]:
-    return ["no", f">= {gib:.1f}", "—", "—"]
-  return ["yes" if p["fits"] else "no", f"{gib:.2f}", f"{p['step_time_s'] * 1e3:.0f}", f"{100 * p['mfu_bound']:.1f}"]
+    return ["no", f">= {gib:.1f}", "—", "—", "—"]
+  return ["yes" if p["fits"] else "no", f"{gib:.2f}", _tflops(p), f"{p['step_time_s'] * 1e3:.0f}",
+          f"{100 * p['mfu_bound']:.1f}"]
+
+
+def _best(done: dict, key: str) -> dict | None:
+  """The fastest plan that fits among a row's own plan and its searched cells (re-ranked here, so
+  that ``--flops`` counts, which move the step times, are taken into account)."""
+  plans = [r["plan"] for (k, kind), r in done.items()
+           if k == key and (kind == "plan" or kind.startswith("cell ")) and r["plan"]["fits"]]
+  return min(plans, key=lambda p: p["step_time_s"], default=None)
 
 
 def markdown(done: dict) -> str:
-  head = ("| model | objective | slice | fits | GiB / chip | est. step (ms) | MFU bound (%) | compile (s) "
-          "| best plan `--search` found |\n|---|---|---|---|---|---|---|---|---|")
+  head = ("| model | objective | slice | fits | GiB / chip | TFLOP / chip (model / hw) | est. step (ms) "
+          "| MFU bound (%) | compile (s) | best plan `--search` found |\n|---|---|---|---|---|---|---|---|---|---|")
   lines = [head]
   for row in ROWS:
     p = done.get((_key(row), "plan"))
     s = done.get((_key(row), "search"))
     p = p and p["plan"]
+    b = _best(done, _key(row)) if s is not None else None
     if s is None:
       best = "not run"
-    elif s["best"] is None:
+    elif b is None:
       best = f"none of {s['n']} fit"
     else:
-      b = s["best"]
       best = (f"mesh {'x'.join(map(str, b['mesh']))} remat={b['options']['remat']}: {b['step_time_s'] * 1e3:.0f} ms, "
               f"MFU<={100 * b['mfu_bound']:.1f} %, {b['bytes_per_chip'] / 2 ** 30:.2f} GiB ({s['n']} plans)")
     lines.append("| " + " | ".join(list(row) + _cell(p) + [f"{p['compile_s']:.0f}" if p else "—", best]) + " |")
@@ -111,8 +128,8 @@ def tools_markdown(done: dict) -> str:
   """The --tools table: each tool alone against the default step (GiB per chip, temporaries, FLOPs)."""
   preset, objective, topo, batch = TOOLS_ROW
   lines = [f"{preset} {objective}, bf16, global batch {batch}, {topo}, mesh 1 x chips x 1:", "",
-           "| tool | fits | GiB / chip | temporaries GiB | TFLOP / chip | HBM GB / chip | est. step (ms) "
-           "| MFU bound (%) | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
+           "| tool | fits | GiB / chip | temporaries GiB | TFLOP / chip model / hw (XLA) | HBM GB / chip "
+           "| est. step (ms) | MFU bound (%) | compile (s) |", "|---|---|---|---|---|---|---|---|---|"]
   for name in TOOLS:
     r = done.get((_key(("tools", name)), "tool"))
     if r is None:
@@ -123,10 +140,43 @@ def tools_markdown(done: dict) -> str:
       lines.append(f"| {name} | no | >= {p['bytes_per_chip'] / 2 ** 30:.1f} | — | — | — | — | — | {p['compile_s']:.0f} |")
       continue
     lines.append(f"| {name} | {'yes' if p['fits'] else 'no'} | {p['bytes_per_chip'] / 2 ** 30:.2f} | "
-                 f"{p['temp_bytes'] / 2 ** 30:.2f} | {p['flops_per_chip'] / 1e12:.2f} | "
+                 f"{p['temp_bytes'] / 2 ** 30:.2f} | {_tflops(p)} ({p['flops_per_chip'] / 1e12:.2f}) | "
                  f"{p['hbm_accessed_per_chip'] / 1e9:.0f} | {p['step_time_s'] * 1e3:.0f} | "
                  f"{100 * p['mfu_bound']:.1f} | {p['compile_s']:.0f} |")
   return "\n".join(lines)
+
+
+def _fill_flops(done: dict, cache: str, devices: dict) -> None:
+  """Every cached compiled plan (rows, searched cells, tools) gets its jaxpr FLOP counts and the
+  roofline they imply (``plan.count_flops``), appended to the cache as an updated record."""
+  from trace_jax.cli import plan as cli
+  from trace_jax.training import plan as plan_lib
+  setups = {}
+  for (key, kind), rec in list(done.items()):
+    p = rec.get("plan")
+    if p is None or not p["compiled"] or p.get("hw_flops_per_chip"):
+      continue
+    if kind == "tool":
+      preset, objective, topo, _ = TOOLS_ROW
+      sets = _sets(preset) + TOOLS[key.split(" | ", 1)[1]][1]
+    else:
+      preset, objective, sl = key.split(" | ")
+      topo, sets = TOPOLOGIES[sl], _sets(preset)
+    o = p["options"]
+    tool = dict(remat=o["remat"], attention=o["attention"], microbatches=int(o["microbatches"]))
+    ck = (objective, tuple(sets), o["remat"], o["attention"])
+    if ck not in setups:
+      setups[ck] = cli._train_setup(os.path.join(ROOT, CONFIGS[objective]), sets, tool)
+    config, task, _, model_task = setups[ck]
+    t = time.perf_counter()
+    plan = plan_lib.count_flops(plan_lib.Plan.from_row(p), task, config,
+                                devices.setdefault(topo, plan_lib.topology(topo)), model_task)
+    print(f"{key} {kind}: model {plan.model_flops_per_chip / 1e12:.2f}, hardware {plan.hw_flops_per_chip / 1e12:.2f} "
+          f"TFLOP/chip (XLA {plan.flops_per_chip / 1e12:.2f}); MFU bound {100 * plan.mfu_bound:.1f} % "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    rec = {**rec, "plan": plan.row()}
+    _append(cache, rec)
+    done[(key, kind)] = rec
 
 
 def main() -> int:
@@ -136,6 +186,9 @@ def main() -> int:
   ap.add_argument("--rows", default=None, help="comma-separated row indices of ROWS (default: all, in order)")
   ap.add_argument("--search", action="store_true", help="also --search each row that has a plan")
   ap.add_argument("--tools", action="store_true", help="also the one-tool-at-a-time table (TOOLS)")
+  ap.add_argument("--flops", action="store_true",
+                  help="add the jaxpr FLOP counts (model / hardware, training/flops.py) to every cached plan "
+                       "without them: tracing only, no compile")
   args = ap.parse_args()
   from trace_jax.cli import plan as cli
   from trace_jax.training import plan as plan_lib
@@ -194,6 +247,9 @@ def main() -> int:
                          tool={"remat": "none", "attention": "explicit", "microbatches": 1, **tool})
       print(name, "\n", plan_lib.format_plan(p), flush=True)
       record(key, {"kind": "tool", "plan": p.row()})
+    print(tools_markdown(done))
+  if args.flops:
+    _fill_flops(done, args.cache, devices)
     print(tools_markdown(done))
   print(markdown(done))
   return 0

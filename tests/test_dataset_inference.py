@@ -118,7 +118,18 @@ def test_300_masks_tiny_budget(tiny):
   assert pl["chunked"] and pl["chunk"] <= 40 and pl["bytes_per_device"] <= budget
   chunked = mi.invert(model, params, img, masks, mode="exact", lr=0.1, steps=4, budget=budget)
   one = mi.invert(model, params, img, masks, mode="exact", lr=0.1, steps=4, budget=1e12)
-  close(chunked["lets"], one["lets"])
+  # Per mask, against the optimisation's own sensitivity: the chunked program sums in another order,
+  # and a few masks amplify that like they amplify 1e-6 pixel noise (measured on one host: mask 142
+  # moved 2.8e-3 chunked and 2.2e-3 under noise; the median mask 2.6e-7). A mask may differ by
+  # 1e-3 or by twice what the noise moves it, whichever is larger; the bulk must agree to 1e-5.
+  noisy = img + 1e-6 * np.random.default_rng(9).standard_normal(img.shape).astype(np.float32)
+  noise = mi.invert(model, params, noisy, masks, mode="exact", lr=0.1, steps=4, budget=1e12)
+  b = np.asarray(one["lets"])
+  per_mask = lambda a: np.abs(np.asarray(a) - b).max(-1) / np.abs(b).max()
+  err, sens = per_mask(chunked["lets"]), per_mask(noise["lets"])
+  assert np.median(err) <= 1e-5, np.median(err)
+  bad = np.flatnonzero(err > np.maximum(LET_RTOL, 2 * sens))
+  assert bad.size == 0, [(int(i), float(err[i]), float(sens[i])) for i in bad]
   np.testing.assert_allclose(chunked["losses"], one["losses"], atol=1e-5)
 
 

@@ -56,12 +56,13 @@ def _config(**model):
   return c
 
 
-def _plan(devices, batch, mesh=(2, 2, 1), **model):
+def _plan(devices, batch, mesh=(2, 2, 1), cost_plan=None, **model):
   from trace_jax.training import plan as plan_lib
   config = _config(**model)
   cost = objectives.make(_config(**{**model, "scan_layers": False}), INFO) if model.get("scan_layers") else None
+  plain = objectives.make(_config(**{**model, "remat": "none"}), INFO) if model.get("remat") else None
   return plan_lib.compile_train_step(objectives.make(config, INFO), config, devices, "v5e:2x2", batch=batch,
-                                     mesh_shape=mesh, cost_task=cost)
+                                     mesh_shape=mesh, cost_task=cost, model_task=plain, cost_plan=cost_plan)
 
 
 def test_plan_memory_and_flops_scale_with_batch(devices):
@@ -74,6 +75,11 @@ def test_plan_memory_and_flops_scale_with_batch(devices):
   assert p64.temp_bytes >= p32.temp_bytes and p64.argument_bytes > p32.argument_bytes
   ratio = p64.flops_per_chip / p32.flops_per_chip
   assert 1.6 < ratio <= 2.0, ratio
+  # the jaxpr counts (flops.py): the per-example matmuls double, the B x B logits quadruple
+  r = p64.model_flops_per_chip / p32.model_flops_per_chip
+  assert 2.0 < r < 2.05 and p32.hw_flops_per_chip == p32.model_flops_per_chip, r   # no remat: equal
+  spec = plan_lib.CHIPS["v5e"]
+  assert p32.mfu_bound == pytest.approx(p32.model_flops_per_chip / spec["bf16_flops"] / p32.step_time_s)
   # arguments = this chip's shard of (params + Adam mu, nu + step/rng) + its rows of the batch
   task = objectives.make(_config(), INFO)
   shapes = nn.unbox(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
@@ -98,12 +104,23 @@ def test_plan_scan_layers_and_remat_show_their_memory(devices):
   FLOPs +25 %)."""
   deep = dict(vision_layers=4, text_layers=4, image_size=64)
   plain = _plan(devices, 512, **deep)
-  scanned = _plan(devices, 512, scan_layers=True, **deep)
+  scanned = _plan(devices, 512, scan_layers=True, cost_plan=plain, **deep)   # plain: its XLA cost, not compiled again
+  with pytest.raises(ValueError, match="cost_plan must be the plain"):
+    _plan(devices, 256, scan_layers=True, cost_plan=plain, **deep)
   assert scanned.compiled and scanned.flops_per_chip == pytest.approx(plain.flops_per_chip, rel=1e-6)
   remat = _plan(devices, 512, remat="block", **deep)
   print({k: (p.temp_bytes, p.flops_per_chip) for k, p in (("plain", plain), ("scan", scanned), ("remat", remat))})
   assert remat.compiled and remat.flops_per_chip > plain.flops_per_chip      # the recomputed forward
   assert remat.temp_bytes < plain.temp_bytes                                  # fewer saved activations
+  # jaxpr counts (flops.py): a scan counts its body x layers (= the unrolled step's), remat's model
+  # FLOPs are the plain step's, its hardware FLOPs add exactly one forward of every block of both
+  # towers (the textbook count: q/k/v/out, QK^T, attention x V, MLP fc) but the block's last matmul
+  # (mlp_proj: its backward needs its input, not its output, so JAX's remat does not recompute it)
+  assert scanned.hw_flops_per_chip == plain.hw_flops_per_chip == plain.model_flops_per_chip > 0
+  assert remat.model_flops_per_chip == plain.model_flops_per_chip
+  blocks = lambda rows, n, w: rows * 4 * (3 * 2 * n * w * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * n * w * 4 * w)
+  extra = (blocks(512, 1 + (64 // 8) ** 2, 64) + blocks(512, 8, 32)) / 4      # per chip of 4
+  assert remat.hw_flops_per_chip - plain.hw_flops_per_chip == extra
 
 
 def test_plan_reports_oversized_config_as_not_fitting(devices):

@@ -160,11 +160,13 @@ def test_eval_after_train_refuses_a_config_it_cannot_evaluate():
   """eval.after_train runs the embedded grounding evaluation: a run on other data (or a TRACE run)
   is refused before anything is trained, naming the key and the data (the 2-process run that uses
   it: tests/test_multiprocess.py)."""
+  # the check lives in the library (not train.py, whose absl flags clash with evaluate.py's when
+  # another test in this worker has loaded evaluate.py)
   sys.path.insert(0, ROOT)
-  import train as train_py
   from configs.common import apply_overrides, get_config as default_config
+  from trace_jax.evaluation import tasks
   c = apply_overrides(default_config(), {"eval.after_train": "true", "data.name": "random"})
   with pytest.raises(ValueError, match=r"eval.after_train.*'random'"):
-    train_py._check_eval_after_train(c)
+    tasks.check_after_train(c)
   c = apply_overrides(default_config(), {"eval.after_train": "true", "data.name": "trace_shapes"})
-  train_py._check_eval_after_train(c)      # grounding on the embedded set: accepted
+  tasks.check_after_train(c)      # grounding on the embedded set: accepted

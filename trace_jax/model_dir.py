@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from trace_jax import atomic
 from trace_jax.models.config import CLIPConfig
 from trace_jax.treecheck import check_shapes, flatten, shapes_of  # noqa: F401 - flatten re-exported
 
@@ -88,10 +89,7 @@ def write_model_dir(directory: str, params: dict, meta: dict, *,
     for name, content_path in tokenizer_files.items():
       with open(content_path, "rb") as src, open(os.path.join(tok_dir, name), "wb") as dst:
         dst.write(src.read())
-  tmp = os.path.join(directory, "config.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, "config.json"))
+  atomic.write_json(os.path.join(directory, "config.json"), meta, indent=2, sort_keys=True)
   return directory
 
 
@@ -197,10 +195,7 @@ def save(directory: str, params: dict, cfg: CLIPConfig, *, source: str = "",
       c.save(os.path.join(directory, "heads", name), jax.tree.map(lambda a: np.asarray(a, np.float32), tree),
              force=True)
     c.wait_until_finished()
-    tmp = os.path.join(directory, HEADS_JSON + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(heads, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(directory, HEADS_JSON))
+    atomic.write_json(os.path.join(directory, HEADS_JSON), heads, indent=1, sort_keys=True)
   return directory
 
 

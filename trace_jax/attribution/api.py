@@ -43,15 +43,17 @@ def method_module(method: str):
     raise
 
 
-def _is_array(v) -> bool:
+def is_array_setting(v) -> bool:
+  """A method setting that is an array (traced, not part of the compiled program's cache key)."""
   return isinstance(v, (jax.Array, np.ndarray))
 
 
-def _freeze(v):
+def freeze_setting(v):
+  """A hashable form of a non-array setting (lists -> tuples, dicts -> sorted item tuples): a jit static key."""
   if isinstance(v, list):
-    return tuple(_freeze(x) for x in v)
+    return tuple(freeze_setting(x) for x in v)
   if isinstance(v, dict):
-    return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
+    return tuple(sorted((k, freeze_setting(x)) for k, x in v.items()))
   return v
 
 
@@ -87,8 +89,8 @@ def _jitted(method: str, model, static: tuple, dynamic_names: tuple):
 
 def explain_fn(method: str, model, **settings):
   """A reusable ``f(params, images, ids=None, query=None) -> dict`` for fixed static settings."""
-  static = tuple(sorted((k, _freeze(v)) for k, v in settings.items() if not _is_array(v)))
-  names = tuple(sorted(k for k, v in settings.items() if _is_array(v)))
+  static = tuple(sorted((k, freeze_setting(v)) for k, v in settings.items() if not is_array_setting(v)))
+  names = tuple(sorted(k for k, v in settings.items() if is_array_setting(v)))
   dyn = tuple(settings[k] for k in names)
   f = _jitted(method, model, static, names)
   return lambda params, images, ids=None, query=None: f(params, images, ids, query, dyn)

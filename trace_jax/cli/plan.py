@@ -116,13 +116,16 @@ def _choices(s: str, allowed, kind=str, flag=""):
 
 
 def _train_setup(config_path: str, sets: list[str], tool: dict):
-  """(config, task, cost_task) of the config with ``tool``'s model options (remat, attention) set."""
+  """(config, task, cost_task, model_task) of the config with ``tool``'s model options (remat,
+  attention) set; model_task (remat off: the model FLOPs) is None when the tool has no remat."""
   tool_sets = [f"model.remat={tool['remat']}", f"model.attention={tool['attention']}"]
   config = _config(config_path, sets + tool_sets)
-  cost_task = None
-  if config.model.scan_layers:   # XLA counts a scanned block once: FLOPs from the unrolled step
+  cost_task = model_task = None
+  if config.model.scan_layers:   # XLA counts a scanned block once: HBM bytes from the unrolled step
     cost_task = _task(_config(config_path, sets + tool_sets + ["model.scan_layers=False"]))
-  return config, _task(config), cost_task
+  if config.model.remat != "none":
+    model_task = _task(_config(config_path, sets + tool_sets + ["model.remat=none"]))
+  return config, _task(config), cost_task, model_task
 
 
 def plan_train(config_path: str, sets: list[str], devices, topology: str, *, batch: int, mesh, tool: dict,
@@ -130,9 +133,10 @@ def plan_train(config_path: str, sets: list[str], devices, topology: str, *, bat
   """The train-step plan of the config with ``tool`` = {remat, attention, microbatches} applied
   (``setup``: its :func:`_train_setup`, when the caller already built it)."""
   from trace_jax.training import plan as plan_lib
-  config, task, cost_task = setup or _train_setup(config_path, sets, tool)
+  config, task, cost_task, model_task = setup or _train_setup(config_path, sets, tool)
   return plan_lib.compile_train_step(task, config, devices, topology, batch=batch, mesh_shape=mesh,
-                                     microbatches=int(tool["microbatches"]), cost_task=cost_task)
+                                     microbatches=int(tool["microbatches"]), cost_task=cost_task,
+                                     model_task=model_task)
 
 
 def search(config_path: str, sets: list[str], devices, topology: str, *, batch: int, meshes=None,

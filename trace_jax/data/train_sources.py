@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from trace_jax import atomic
 from trace_jax.data import grain_pipeline as gp
 from trace_jax.data.preprocess import CLIP_MEAN, CLIP_STD, as_str
 
@@ -333,12 +334,6 @@ def file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _atomic_npz(path: str, **arrays):
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def tfds_records(source_name: str, d, split: str):
   """(TfdsRecords, skipped counts): prepares the builder if needed (one process; the others wait),
   then lists the usable rows once (cached beside the dataset as trace_rows_<version>_<split>.npz)."""
@@ -370,7 +365,8 @@ def tfds_records(source_name: str, d, split: str):
               items.append((r, k))
             else:
               skipped[why] = skipped.get(why, 0) + 1
-      _atomic_npz(cache, items=np.asarray(items, np.int64).reshape(-1, 2), skipped=json.dumps(skipped))
+      atomic.write_with(cache, lambda tmp: np.savez(tmp, items=np.asarray(items, np.int64).reshape(-1, 2),
+                                                    skipped=json.dumps(skipped)))
   z = np.load(cache)
   path = f"{where} ({split})"
   return TfdsRecords(source_name, config, data_dir, split, z["items"], path), json.loads(str(z["skipped"]))

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from trace_jax import atomic
 from trace_jax.evaluation import metrics as M
 
 EXTRA_METHODS = ("patch_similarity", "local_slots")
@@ -133,18 +134,6 @@ class _Batches:
     return jax.tree.map(put, tree)
 
 
-def _write_atomic(path: str, write) -> None:
-  """``write(tmp)`` then rename onto ``path`` (a reader never sees a half-written file)."""
-  root, ext = os.path.splitext(path)
-  tmp = f"{root}.tmp{os.getpid()}{ext}"
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def evaluate(config, md, out_dir: str, verbose: bool = True, *, mesh=None, batch_axes=None) -> dict:
   """Grounding of the model dir ``md`` (``trace_jax.model_dir.load``) on the embedded set's
   ``config.eval.split`` (module docstring); writes ``eval.json`` and the galleries to ``out_dir``.
@@ -231,15 +220,12 @@ def evaluate(config, md, out_dir: str, verbose: bool = True, *, mesh=None, batch
     return results
   os.makedirs(out_dir, exist_ok=True)
 
-  def write_json(path):
-    with open(path, "w") as f:
-      json.dump(results, f, indent=2)
-  _write_atomic(os.path.join(out_dir, "eval.json"), write_json)
+  atomic.write_json(os.path.join(out_dir, "eval.json"), results, indent=2)
   if gallery is not None and gallery["texts"]:  # eval.gallery = 0: no gallery
     for m in methods:
       tiles = [ov.overlay(im, hm) for im, hm in zip(gallery["images"], gallery["maps"][m])]
       sheet = ov.contact_sheet(tiles, gallery["texts"], cols=4, tile_size=128)
-      _write_atomic(os.path.join(out_dir, f"gallery_{m}.png"), lambda path, sheet=sheet: ov.save_png(sheet, path))
+      atomic.write_with(os.path.join(out_dir, f"gallery_{m}.png"), lambda path, sheet=sheet: ov.save_png(sheet, path))
   if verbose:
     print(format_table(results))
     print(f"wrote {os.path.join(out_dir, 'eval.json')}" + (" and gallery_<method>.png" if int(e.gallery) > 0 else ""))

@@ -47,6 +47,20 @@ def task_of(config) -> str:
   return "trace_embedded" if config.get("loss", {}).get("name") == "trace" else "grounding"
 
 
+def check_after_train(config) -> None:
+  """Refuses ``eval.after_train`` (train.py evaluates the finished run on its training mesh) for a
+  config whose evaluation is not the embedded grounding one: that is the only evaluation that runs
+  on a sharded state in memory; the others read an exported model dir through evaluate.py."""
+  if not config.eval.get("after_train"):
+    return
+  task = task_of(config)
+  if task != "grounding" or config.data.name != "trace_shapes":
+    raise ValueError(f"eval.after_train runs the embedded set's grounding evaluation (evaluation/embedded.py) "
+                     f"on the training mesh; this config's evaluation is {task!r} on data.name "
+                     f"{config.data.name!r} (it needs 'grounding' on 'trace_shapes'): leave it off and run "
+                     "evaluate.py on the exported model dir")
+
+
 def run(config, path: str | None, out_dir: str | None = None, verbose: bool = True) -> dict:
   """Runs the config's evaluation on the model dir ``path`` (None: ``config.eval.checkpoint``)."""
   task = task_of(config)

@@ -16,9 +16,9 @@ are disjoint and together cover the dataset once.
 
 Why the run is resumable and its files byte-identical to an uninterrupted run's: a shard's content
 is a pure function of its items (fixed shapes: the callers pad batches to a fixed size, so XLA runs
-the same program), a shard file is written to ``.tmp``, fsync'd and renamed into place (a killed
-run leaves no partial shard; its ``.tmp`` is overwritten on restart), and ``.npz`` files are written
-with fixed zip timestamps (``write_npz``; ``numpy.savez`` stamps the current time).
+the same program), a shard file is written to a hidden temporary, fsync'd and renamed into place
+(trace_jax/atomic.py: a killed run leaves no partial shard, at most a hidden ``.{name}.tmp{pid}.npz``),
+and ``.npz`` files are written with fixed zip timestamps (``write_npz``; ``numpy.savez`` stamps the current time).
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ import zipfile
 from typing import Callable, Sequence
 
 import numpy as np
+
+from trace_jax import atomic
 
 
 def process_share(num_shards: int, process_index: int | None = None,
@@ -43,29 +45,9 @@ def process_share(num_shards: int, process_index: int | None = None,
   return list(range(process_index, num_shards, process_count))
 
 
-def _fsync_dir(path: str) -> None:
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def write_atomic(path: str, data: bytes) -> str:
-  """``data`` -> ``path`` via ``path.tmp``, fsync'd, then renamed into place (and the folder fsync'd)."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  _fsync_dir(os.path.dirname(os.path.abspath(path)))
-  return path
+  """``data`` -> ``path`` atomically (trace_jax/atomic.py)."""
+  return atomic.write_bytes(path, data)
 
 
 def npz_bytes(arrays: dict) -> bytes:

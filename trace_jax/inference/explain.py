@@ -134,7 +134,7 @@ def _route_settings(mod, settings: dict) -> tuple[dict, dict]:
 def programs(method: str, model, settings: dict):
   """The (prepare, chunk) pair that runs ``method``'s image forward once per image with these
   settings (module docstring), or None where ``method`` runs ``api.explain`` per chunk."""
-  from trace_jax.attribution.api import _freeze, _is_array
+  from trace_jax.attribution.api import freeze_setting, is_array_setting
   if method == "legrad":
     if model.cfg.vision.kind == "siglip" or not set(settings) <= set(LEGRAD_SETTINGS):
       return None
@@ -145,8 +145,8 @@ def programs(method: str, model, settings: dict):
     kw.update(settings)
     return legrad_programs(model.cfg, lg.resolve_layers(kw["layers"], model.cfg.vision.layers),
                            kw["pos_interp"])
-  if method in SPLIT_METHODS and not any(_is_array(v) for v in settings.values()):
-    return method_programs(method, model.cfg, tuple(sorted((k, _freeze(v)) for k, v in settings.items())))
+  if method in SPLIT_METHODS and not any(is_array_setting(v) for v in settings.values()):
+    return method_programs(method, model.cfg, tuple(sorted((k, freeze_setting(v)) for k, v in settings.items())))
   return None
 
 

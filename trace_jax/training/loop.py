@@ -35,6 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from trace_jax import atomic
 from trace_jax.training import checkpointing as ckpt_lib
 from trace_jax.training import accumulate
 from trace_jax.training import mesh as mesh_lib
@@ -184,10 +185,7 @@ def _truncate_metrics(path: str, step: int) -> None:
     except (ValueError, KeyError):  # a row cut by a kill mid-write
       continue
   if len(keep) != len(rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(keep))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task, source, *, mesh=None):

@@ -1,8 +1,9 @@
 """A compiled plan of the real train step for a TPU topology, on a host without a TPU (docs/scale.md).
 
-    topo = topology("v5e:4x4")                        # libtpu's compiler: jax[tpu], no TPU needed
-    p = compile_train_step(task, config, topo, batch=32768, mesh=(16, 16, 1))
-    p.fits, p.bytes_per_chip, p.flops_per_chip, p.step_time_s, p.mfu_bound
+    devices = topology("v5e:16x16")                   # libtpu's compiler: jax[tpu], no TPU needed
+    p = compile_train_step(task, config, devices, "v5e:16x16", batch=32768, mesh_shape=(16, 16, 1),
+                           model_task=task_without_remat)
+    p.fits, p.bytes_per_chip, p.model_flops_per_chip, p.step_time_s, p.mfu_bound
 
 ``jax.experimental.topologies.get_topology_desc`` gives the topology's devices; the mesh, the
 parameter / optimiser shardings (``sharding.py`` rules) and the jitted step (``step.py``) are the
@@ -14,11 +15,14 @@ compiled SPMD program are read back.
 
 These are COMPILED ESTIMATES, not measurements: the step time is the roofline
 max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip from the chip's published peaks (``CHIPS``),
-with no communication time (ICI / DCN collectives) and no kernel inefficiency; the MFU bound is the
-utilisation that time implies (an upper bound; with remat it counts the recomputed FLOPs too, so it
-is a hardware-FLOPs bound). XLA's cost analysis counts a ``while`` loop body once, so plans with
-``scan_layers`` or ``microbatches`` > 1 take their FLOPs and bytes from a second compile of the
-unrolled, un-accumulated step (``compile_train_step``'s ``cost_task``).
+with no communication time (ICI / DCN collectives) and no kernel inefficiency. Train plans take
+their FLOPs from the step's jaxpr (``flops.py``), not from XLA's cost analysis (which gave fewer
+FLOPs with remat than without): the hardware FLOPs (remat's recompute included) set the compute
+time, the model FLOPs (the same step with remat off) over that time and the chip's peak give the
+MFU bound (model-FLOPs utilisation, an upper bound). XLA's FLOPs stay in the plan for reference.
+XLA's cost analysis counts a ``while`` loop body once, so plans with ``scan_layers`` or
+``microbatches`` > 1 take their HBM bytes from a second compile of the unrolled, un-accumulated
+step (``compile_train_step``'s ``cost_task``).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from trace_jax.training import accumulate
+from trace_jax.training import flops as flops_lib
 from trace_jax.training import mesh as mesh_lib
 from trace_jax.training import sharding as shd
 from trace_jax.training import state as state_lib
@@ -86,6 +91,8 @@ class Plan:
   bytes_per_chip: float = 0.0      # peak HBM: arguments + outputs - aliased (donated) + temporaries
   hbm_bytes: float = 0.0
   flops_per_chip: float = 0.0      # XLA cost analysis of one step (whole global batch, per chip)
+  model_flops_per_chip: float = 0.0   # jaxpr matmul count, remat off (flops.py; train plans)
+  hw_flops_per_chip: float = 0.0      # jaxpr matmul count of the step as planned (remat's recompute in)
   hbm_accessed_per_chip: float = 0.0
   step_time_s: float = 0.0         # roofline estimate, no communication
   mfu_bound: float = 0.0
@@ -185,17 +192,9 @@ def compile_plan(jitted, args: tuple, mesh, topology_name: str, *, batch: int, o
   return roofline(plan)
 
 
-def compile_train_step(task, config, devices, topology_name: str, *, batch: int, mesh_shape=(-1, 1, 1),
-                       microbatches: int = 1, cost_task=None) -> Plan:
-  """Lower + compile the train step of ``task`` for ``devices``; memory and cost per chip.
-
-  ``cost_task``: the same objective with ``scan_layers`` off, required when ``task`` scans its
-  blocks. XLA's cost analysis counts a while-loop body once, so the FLOPs / bytes of a plan with
-  ``scan_layers`` or ``microbatches`` M > 1 are M x those of ``cost_task``'s plain step at batch / M
-  (exact for the per-example work; counts the optimiser update M times, negligible at large batch)."""
-  if task.cfg.scan_layers and (cost_task is None or cost_task.cfg.scan_layers):
-    raise ValueError("a scan_layers plan needs cost_task (the same objective with scan_layers off)")
-  mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
+def _train_program(task, config, mesh, *, batch: int, microbatches: int = 1):
+  """(jitted step, abstract state, abstract batch) of ``task``'s train step on ``mesh``: the loop's
+  own step (training/loop.py) over ``ShapeDtypeStruct``s carrying their shardings."""
   shd.check_batch_size(batch, mesh)
   accumulate.check_microbatches(batch, microbatches, mesh)
   trainable = getattr(task, "trainable", None)
@@ -203,30 +202,87 @@ def compile_train_step(task, config, devices, topology_name: str, *, batch: int,
   shardings = state_lib.state_shardings(task.init_params, tx, mesh, config.seed)
   state = state_lib.abstract_with_shardings(task.init_params, tx, shardings, config.seed)
   fn = step_lib.make_train_step(task.loss_fn, tx, schedule, trainable, microbatches=microbatches, mesh=mesh)
-  step = step_lib.jit_train_step(fn, shardings, mesh)   # the loop's jitted step (training/loop.py)
+  step = step_lib.jit_train_step(fn, shardings, mesh)
+  return step, state, abstract_batch(batch_shapes(task.cfg, batch), mesh)
+
+
+def train_step_flops(task, config, mesh, *, batch: int, microbatches: int = 1) -> float:
+  """Global matmul FLOPs of one train step, counted from its jaxpr (``flops.py``; traced, not compiled)."""
+  step, state, b = _train_program(task, config, mesh, batch=batch, microbatches=microbatches)
+  with jax.set_mesh(mesh):
+    return flops_lib.count(step, state, b)
+
+
+def compile_train_step(task, config, devices, topology_name: str, *, batch: int, mesh_shape=(-1, 1, 1),
+                       microbatches: int = 1, cost_task=None, model_task=None, cost_plan=None) -> Plan:
+  """Lower + compile the train step of ``task`` for ``devices``; memory and cost per chip.
+
+  ``cost_task``: the same objective with ``scan_layers`` off, required when ``task`` scans its
+  blocks. XLA's cost analysis counts a while-loop body once, so the HBM bytes (and XLA's FLOPs) of a
+  plan with ``scan_layers`` or ``microbatches`` M > 1 are M x those of ``cost_task``'s plain step at
+  batch / M (exact for the per-example work; counts the optimiser update M times, negligible at large batch).
+
+  ``model_task``: the same objective with remat off (required when ``task`` has remat; default
+  ``task``; False: no jaxpr counts, XLA's alone): its jaxpr FLOP count is the plan's model FLOPs (the
+  MFU numerator); ``task``'s own count (remat's recompute included) is the hardware FLOPs that set
+  the compute time (``flops.py``; both per chip = global / chips).
+  ``cost_plan``: ``cost_task``'s plain plan at batch / M on the same mesh when the caller has it
+  (its XLA cost is taken instead of compiling it again)."""
+  if task.cfg.scan_layers and (cost_task is None or cost_task.cfg.scan_layers):
+    raise ValueError("a scan_layers plan needs cost_task (the same objective with scan_layers off)")
+  if task.cfg.remat != "none" and model_task is None:
+    raise ValueError(f"a remat={task.cfg.remat} plan needs model_task (the same objective with remat='none'): "
+                     "its model FLOPs are the MFU numerator, the recomputed forward is not model work")
+  mesh = mesh_lib.make_mesh(*mesh_shape, devices=devices)
+  shape = tuple(int(mesh.shape[a]) for a in mesh_lib.AXES)
+  if cost_plan is not None and (cost_plan.batch != batch // microbatches or tuple(cost_plan.mesh) != shape
+                                or cost_plan.options.get("scan_layers") or cost_plan.options.get("microbatches") != 1
+                                or cost_plan.options.get("remat") != task.cfg.remat):
+    raise ValueError(f"cost_plan must be the plain (unscanned, one-microbatch, remat={task.cfg.remat}) plan "
+                     f"at batch {batch // microbatches} on mesh {shape}; got batch {cost_plan.batch}, mesh "
+                     f"{cost_plan.mesh}, options {cost_plan.options}")
+  step, state, b = _train_program(task, config, mesh, batch=batch, microbatches=microbatches)
   cost_of = None
   if task.cfg.scan_layers or microbatches > 1:
     def cost_of():
-      plain = compile_train_step(cost_task or task, config, devices, topology_name, batch=batch // microbatches,
-                                 mesh_shape=mesh_shape)
+      plain = cost_plan or compile_train_step(cost_task or task, config, devices, topology_name,
+                                              batch=batch // microbatches, mesh_shape=mesh_shape, model_task=False)
       if not plain.compiled:
         raise ValueError(f"the unrolled step at batch {batch // microbatches} (for the cost analysis) does "
                          f"not compile: {plain.error}")
       return microbatches * plain.flops_per_chip, microbatches * plain.hbm_accessed_per_chip
   options = dict(step="train", remat=task.cfg.remat, scan_layers=task.cfg.scan_layers,
                  attention=task.cfg.attention, dtype=task.cfg.dtype, microbatches=microbatches)
-  return compile_plan(step, (state, abstract_batch(batch_shapes(task.cfg, batch), mesh)), mesh, topology_name,
-                      batch=batch, options=options, cost_of=cost_of)
+  plan = compile_plan(step, (state, b), mesh, topology_name, batch=batch, options=options, cost_of=cost_of)
+  if plan.compiled and model_task is not False:
+    count_flops(plan, task, config, devices, model_task)
+  return plan
 
 
-def roofline(plan: Plan, flops: float | None = None, accessed: float | None = None) -> Plan:
-  """Step time = max(compute, HBM) per chip from the chip's peaks; MFU bound = compute / that time."""
+def count_flops(plan: Plan, task, config, devices, model_task=None) -> Plan:
+  """Fill ``plan``'s jaxpr FLOP counts (hardware: ``task``'s step as planned; model: ``model_task``'s,
+  the same objective with remat off, default ``task``) and its roofline; per chip = global / chips.
+  Tracing only, no compile: a cached plan gets its counts in seconds (benchmarks/plan_table.py)."""
+  mesh = mesh_lib.make_mesh(*plan.mesh, devices=devices)
+  n = mesh.devices.size
+  microbatches = int(plan.options.get("microbatches", 1))
+  plan.hw_flops_per_chip = train_step_flops(task, config, mesh, batch=plan.batch, microbatches=microbatches) / n
+  plan.model_flops_per_chip = (plan.hw_flops_per_chip if model_task is None else
+                               train_step_flops(model_task, config, mesh, batch=plan.batch) / n)
+  return roofline(plan)
+
+
+def roofline(plan: Plan) -> Plan:
+  """Step time = max(compute, HBM) per chip from the chip's peaks; MFU bound = model FLOPs / peak / that time.
+
+  Compute is the jaxpr-counted hardware FLOPs (``flops.py``) when the plan has them, else XLA's
+  cost analysis (inference plans); the MFU numerator is the model FLOPs (remat off) when known."""
   spec = CHIPS[plan.chip]
-  flops = plan.flops_per_chip if flops is None else flops
-  accessed = plan.hbm_accessed_per_chip if accessed is None else accessed
-  t_compute, t_memory = flops / spec["bf16_flops"], accessed / spec["hbm_bw"]
+  hw = plan.hw_flops_per_chip or plan.flops_per_chip
+  model = plan.model_flops_per_chip or hw
+  t_compute, t_memory = hw / spec["bf16_flops"], plan.hbm_accessed_per_chip / spec["hbm_bw"]
   plan.step_time_s = max(t_compute, t_memory)
-  plan.mfu_bound = t_compute / plan.step_time_s if plan.step_time_s > 0 else 0.0
+  plan.mfu_bound = model / spec["bf16_flops"] / plan.step_time_s if plan.step_time_s > 0 else 0.0
   return plan
 
 
@@ -244,8 +300,11 @@ def format_plan(p: Plan) -> str:
       head,
       f"  per chip: arguments {g(p.argument_bytes)} + outputs {g(p.output_bytes)} - donated "
       f"{g(p.alias_bytes)} + temporaries {g(p.temp_bytes)} = {g(p.bytes_per_chip)} of {g(p.hbm_bytes)} HBM: {verdict}",
-      f"  per chip per step: {p.flops_per_chip:.3e} FLOPs, {p.hbm_accessed_per_chip:.3e} HBM bytes accessed "
-      f"(XLA cost analysis)",
+      (f"  per chip per step: model {p.model_flops_per_chip:.3e} FLOPs, hardware {p.hw_flops_per_chip:.3e} "
+       f"(jaxpr matmul counts; XLA cost analysis {p.flops_per_chip:.3e}), {p.hbm_accessed_per_chip:.3e} HBM "
+       "bytes accessed (XLA)" if p.hw_flops_per_chip else
+       f"  per chip per step: {p.flops_per_chip:.3e} FLOPs, {p.hbm_accessed_per_chip:.3e} HBM bytes accessed "
+       f"(XLA cost analysis)"),
       f"  roofline step time {p.step_time_s * 1e3:.2f} ms, MFU bound {100 * p.mfu_bound:.1f} % "
       f"(compiled estimates from the chip's peak bf16 FLOP/s and HBM bandwidth, no communication; not "
       f"measurements); compile {p.compile_s:.1f} s",
