@@ -49,7 +49,7 @@ def run(config, workdir: str):
 
 
 def evaluate_on_mesh(config, workdir: str, state, task, data_info, mesh) -> dict:
-  """The embedded grounding evaluation of the trained ``state`` on ``mesh`` (docs/scale.md): every
+  """The embedded grounding evaluation of the trained ``state`` on ``mesh`` (docs/scaling.md): every
   process calls it (the maps are one program on the whole mesh, gathered to every process), the
   model is the exported tree read from the sharded state in memory (not re-read from disk),
   each process reads only its rows of each eval batch (split over the train loop's batch axes), and

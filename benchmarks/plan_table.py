@@ -15,7 +15,7 @@ cell is cached too, so a killed search resumes without recompiling it (nor the r
 table (rows not run say so). ``--flops`` adds to every cached plan the jaxpr FLOP counts (model /
 hardware, training/flops.py; tracing only) that the step times and MFU bounds are computed from. ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
 tool, each alone (``TOOLS``), to show what each saves. Compiled estimates, not measurements
-(docs/scale.md).
+(docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ ROWS = [("ViT-B/16", "contrastive", "v5e-256"), ("ViT-B/16", "AMC", "v5e-256"),
         ("ViT-H/14", "contrastive", "v5e-256"), ("ViT-H/14", "AMC", "v5e-256"),
         ("ViT-H/14", "contrastive", "v5p-128"), ("ViT-H/14", "AMC", "v5p-128")]
 TOOL = dict(remat="block", attention="explicit", microbatches=1)
-# --tools: what each memory / speed tool changes, one at a time against the default step (docs/scale.md):
+# --tools: what each memory / speed tool changes, one at a time against the default step (docs/scaling.md):
 # ViT-B/16 contrastive, bf16, global batch 2048 on v5e:4x4 (16 chips, 128 rows per chip as in ROWS on v5e-256), mesh 1 x 16 x 1
 TOOLS_ROW = ("ViT-B/16", "contrastive", "v5e:4x4", 2048)
 TOOLS = {"default": ({}, []), "remat=block": ({"remat": "block"}, []),
@@ -121,6 +121,30 @@ def markdown(done: dict) -> str:
       best = (f"mesh {'x'.join(map(str, b['mesh']))} remat={b['options']['remat']}: {b['step_time_s'] * 1e3:.0f} ms, "
               f"MFU<={100 * b['mfu_bound']:.1f} %, {b['bytes_per_chip'] / 2 ** 30:.2f} GiB ({s['n']} plans)")
     lines.append("| " + " | ".join(list(row) + _cell(p) + [f"{p['compile_s']:.0f}" if p else "—", best]) + " |")
+  return "\n".join(lines)
+
+
+def search_markdown(done: dict) -> str:
+  """Every searched cell of every row that has a ``--search`` record, the fastest that fits in bold."""
+  lines = ["| row | mesh | remat | fits | GiB / chip | TFLOP / chip (model / hw) | est. step (ms) | MFU bound (%) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for row in ROWS:
+    key = _key(row)
+    if (key, "search") not in done:
+      continue
+    best = _best(done, key)
+    cells = {tuple(r["plan"]["mesh"]) + (r["plan"]["options"]["remat"],): r["plan"] for (k, kind), r in done.items()
+             if k == key and (kind == "plan" or kind.startswith("cell "))}
+    for i, (cell, p) in enumerate(sorted(cells.items(), key=lambda kv: (kv[0][3], kv[0][0]))):
+      b = "**" if p is best else ""
+      name = f"{row[0]} {row[1]} {row[2]}" if i == 0 else ""
+      if not p["compiled"]:
+        vals = [f"no (>= {p['bytes_per_chip'] / 2 ** 30:.1f})", "—", "—", "—", "—"]
+      else:
+        vals = ["yes" if p["fits"] else "no", f"{p['bytes_per_chip'] / 2 ** 30:.2f}", _tflops(p),
+                f"{p['step_time_s'] * 1e3:.0f}", f"{100 * p['mfu_bound']:.1f}"]
+      lines.append("| " + " | ".join([name, f"{b}{' x '.join(map(str, cell[:3]))}{b}", f"{b}{cell[3]}{b}"] +
+                                     [f"{b}{v}{b}" for v in vals]) + " |")
   return "\n".join(lines)
 
 
@@ -252,6 +276,8 @@ def main() -> int:
     _fill_flops(done, args.cache, devices)
     print(tools_markdown(done))
   print(markdown(done))
+  if any(kind == "search" for _, kind in done):
+    print(search_markdown(done))
   return 0
 
 

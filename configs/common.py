@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = placeholder(str)   # None: 'small' (a new model) or the init_from dir's architecture
   c.model.dtype = "float32"           # compute dtype ('bfloat16' = mixed precision; params stay float32)
-  # Large-model tools (docs/scale.md), default off: remat 'none' | 'block' | a jax.checkpoint_policies
+  # Large-model tools (docs/scaling.md), default off: remat 'none' | 'block' | a jax.checkpoint_policies
   # name; scan_layers: nn.scan over the blocks; attention 'explicit' | 'fused' (jax.nn.dot_product_attention)
   c.model.remat = "none"
   c.model.scan_layers = False
@@ -75,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=1000, log_every=10, progress=True, compilation_cache_dir=placeholder(str),
       debug_step_sleep=0.0,           # debug_step_sleep: seconds slept per step (tests of pre-emption only)
-      microbatches=1))                # gradient accumulation over this many microbatches (docs/scale.md)
+      microbatches=1))                # gradient accumulation over this many microbatches (docs/scaling.md)
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True, export_model=True))
 

@@ -1,4 +1,4 @@
-"""Multi-process training on localhost (docs/scale.md): 2 processes x 4 emulated CPU devices joined by
+"""Multi-process training on localhost (docs/scaling.md): 2 processes x 4 emulated CPU devices joined by
 ``jax.distributed`` (coordinator 127.0.0.1, gloo CPU collectives) against 1 process x 8 devices.
 
 Each process runs tests/_multiprocess_worker.py: the real loop (train.py ``run``), each process

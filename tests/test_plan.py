@@ -153,7 +153,7 @@ def test_plan_command_line(tmp_path):
 def test_block_batch_constraint_lowers_planned_temporaries(devices, monkeypatch):
   """The same tiny step on v5e:2x2 (mesh 1 x 4 x 1, batch 64) with and without the block-boundary batch
   constraint (measured: 0.0 vs 19.7 MiB of temporaries; ViT-B/16 at batch 32k on v5e:16x16 with
-  remat=block: 4.7 vs 49.7 GiB, docs/scale.md)."""
+  remat=block: 4.7 vs 49.7 GiB, docs/scaling.md)."""
   from trace_jax.models import layers
   on = _plan(devices, 64, mesh=(1, 4, 1))
   monkeypatch.setattr(layers, "constrain_batch", lambda x: x)   # the model without the constraint

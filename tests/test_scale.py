@@ -1,4 +1,4 @@
-"""Large-model tools (docs/scale.md): model.remat, model.scan_layers, model.attention='fused',
+"""Large-model tools (docs/scaling.md): model.remat, model.scan_layers, model.attention='fused',
 train.microbatches and model.dtype=bfloat16, each against the default path on a tiny model.
 
 Tolerances (float32, measured on this CPU): remat changes nothing in the forward, and its

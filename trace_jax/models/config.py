@@ -45,7 +45,7 @@ class CLIPConfig:
   logit_scale_init: float = math.log(1 / 0.07)
   # Extra, model-specific options of other image towers (e.g. CRATE's ISTA step size).
   extra: tuple = ()
-  # Large-model memory / speed options of the ViT and text towers (docs/scale.md): rematerialisation
+  # Large-model memory / speed options of the ViT and text towers (docs/scaling.md): rematerialisation
   # policy, nn.scan over the blocks, fused attention. Training-time only: model dirs are saved with
   # the defaults (trace_jax.models.scale.inference_layout), and to_dict omits them when default.
   remat: str = "none"

@@ -38,7 +38,7 @@ def gelu_tanh(x):
 
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu, "gelu_tanh": gelu_tanh}
 
-# Large-model options of the ViT / text towers (docs/scale.md); the defaults change nothing.
+# Large-model options of the ViT / text towers (docs/scaling.md); the defaults change nothing.
 ATTENTION = ("explicit", "fused")
 REMAT_POLICIES = ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable", "nothing_saveable")
@@ -127,7 +127,7 @@ class MultiHeadAttention(nn.Module):
   """
   num_heads: int
   dtype: Dtype = jnp.float32
-  attention: str = "explicit"   # or "fused": see ``uses_fused`` (docs/scale.md)
+  attention: str = "explicit"   # or "fused": see ``uses_fused`` (docs/scaling.md)
 
   def uses_fused(self) -> bool:
     """``attention='fused'`` takes ``jax.nn.dot_product_attention`` (no probabilities materialised,
@@ -233,7 +233,7 @@ def remat_policy(name: str):
 class Transformer(nn.Module):
   """A stack of blocks named ``block_{i}``; returns (x, [aux_0, ..., aux_{L-1}]).
 
-  Memory options (docs/scale.md; defaults = the plain unrolled stack):
+  Memory options (docs/scaling.md; defaults = the plain unrolled stack):
   ``remat`` wraps each block in ``nn.remat`` with a named policy (same params, same numerics);
   ``scan_layers`` runs ONE compiled block body under ``nn.scan`` over params stacked on a leading
   'layers' axis (``params['blocks']`` instead of ``block_{i}``; ``trace_jax.models.scale`` converts

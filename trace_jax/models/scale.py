@@ -88,7 +88,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
 
   Why: without it GSPMD propagates the fsdp split of the weights' ``embed`` axis into the activations
   and gathers the batch (ViT-B/16 at batch 32k on v5e:16x16 planned 49.7 GiB/chip of temporaries
-  with remat=block; docs/scale.md). A no-op (x returned) unless the caller entered
+  with remat=block; docs/scaling.md). A no-op (x returned) unless the caller entered
   ``activation_rules`` with rules that name 'batch', under a mesh context (``jax.set_mesh``); also
   when x is not [B, N, W] (a single example under ``vmap``) or B is not divisible by the batch's mesh
   axes (a constraint is a layout hint: the values never change).

@@ -59,7 +59,7 @@ def _architecture(cfg: CLIPConfig) -> dict:
 
 def _scale_options(mcfg) -> dict:
   """model.remat / scan_layers / attention: training-time memory tools, free like the dtype
-  (they change no parameter; docs/scale.md)."""
+  (they change no parameter; docs/scaling.md)."""
   return {k: mcfg.get(k, d) for k, d in (("remat", "none"), ("scan_layers", False), ("attention", "explicit"))}
 
 

@@ -18,7 +18,7 @@ pixels) that carry a region in the microbatch, equal to the batch's only when ev
 the same count. Accumulation then trains on the mean of the M smaller-batch losses (the same
 as M steps' worth of gradient at B/M, applied once), not the big-batch contrastive loss; getting the
 full-batch contrastive gradient under a memory limit needs a cached-embedding scheme (GradCache,
-Gao et al. 2021), not provided here. docs/scale.md says this too.
+Gao et al. 2021), not provided here. docs/scaling.md says this too.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What changes when a run spans several processes (``jax.distributed``; docs/scale.md).
+"""What changes when a run spans several processes (``jax.distributed``; docs/scaling.md).
 
 * Pre-emption: a SIGTERM reaches ONE host. In a multi-process run jax's preemption service (started
   by ``jax.distributed.initialize``) owns SIGTERM: the notified process tells the coordination

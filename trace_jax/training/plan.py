@@ -1,4 +1,4 @@
-"""A compiled plan of the real train step for a TPU topology, on a host without a TPU (docs/scale.md).
+"""A compiled plan of the real train step for a TPU topology, on a host without a TPU (docs/scaling.md).
 
     devices = topology("v5e:16x16")                   # libtpu's compiler: jax[tpu], no TPU needed
     p = compile_train_step(task, config, devices, "v5e:16x16", batch=32768, mesh_shape=(16, 16, 1),
