@@ -124,6 +124,22 @@ def markdown(done: dict) -> str:
   return "\n".join(lines)
 
 
+def costs_markdown(done: dict) -> str:
+  """Per-chip FLOPs (model / hardware from the jaxpr, XLA's for reference), HBM traffic and memory of each row's plan."""
+  lines = ["| model | objective | slice | model TFLOP / chip | hardware TFLOP / chip | XLA TFLOP / chip "
+           "| HBM GB / chip | temporaries GiB | arguments GiB |", "|---|---|---|---|---|---|---|---|---|"]
+  for row in ROWS:
+    r = done.get((_key(row), "plan"))
+    if r is None or not r["plan"]["compiled"]:
+      continue
+    p = r["plan"]
+    tf = lambda k: f"{p[k] / 1e12:.1f}" if p.get(k) else "—"
+    lines.append("| " + " | ".join(list(row) + [tf("model_flops_per_chip"), tf("hw_flops_per_chip"), tf("flops_per_chip"),
+                                              f"{p['hbm_accessed_per_chip'] / 1e9:.0f}", f"{p['temp_bytes'] / 2 ** 30:.2f}",
+                                              f"{p['argument_bytes'] / 2 ** 30:.3f}"]) + " |")
+  return "\n".join(lines)
+
+
 def search_markdown(done: dict) -> str:
   """Every searched cell of every row that has a ``--search`` record, the fastest that fits in bold."""
   lines = ["| row | mesh | remat | fits | GiB / chip | TFLOP / chip (model / hw) | est. step (ms) | MFU bound (%) |",
@@ -276,6 +292,7 @@ def main() -> int:
     _fill_flops(done, args.cache, devices)
     print(tools_markdown(done))
   print(markdown(done))
+  print(costs_markdown(done))
   if any(kind == "search" for _, kind in done):
     print(search_markdown(done))
   return 0

@@ -147,6 +147,8 @@ def test_plan_command_line(tmp_path):
   import json
   row = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
   assert row["fits"] and row["flops_per_chip"] > 0 and row["mesh"] == [2, 2, 1]
+  # remat=block: the model FLOPs (remat off, built by the command) are below the hardware FLOPs
+  assert 0 < row["model_flops_per_chip"] < row["hw_flops_per_chip"] and "hardware" in out.stdout
 
 
 @pytest.mark.slow
