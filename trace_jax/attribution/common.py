@@ -39,6 +39,19 @@ class Pairing(NamedTuple):
   single_image: bool
 
 
+def explicit_attention(model):
+  """``model`` with ``attention='explicit'`` where it was built fused (a training-only option).
+
+  A fused block returns no attention probabilities from a plain forward (models/layers.uses_fused),
+  and rollout, LeGrad and MaskInversion's LeGrad read them from one: they take the explicit blocks
+  (same params, same numerics to float32 rounding: tests/test_scale.py). A flax clone with equal
+  fields hashes equal, so a jitted caller is not retraced."""
+  cfg = getattr(model, "cfg", None)
+  if getattr(cfg, "attention", "explicit") == "explicit":
+    return model
+  return model.clone(cfg=cfg.replace(attention="explicit"))
+
+
 def as_images(images) -> jax.Array:
   images = jnp.asarray(images)
   if images.ndim == 3:

@@ -39,6 +39,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from trace_jax.attribution import common
 from trace_jax.models import l2_normalize
 from trace_jax.models.blocks import attend, pooled_from_o, require_vit, values, vision_head
 from trace_jax.ops import minmax  # guarded: a constant map gives 0, not NaN
@@ -80,6 +81,7 @@ def feature_of_attn(vp, l: int, act: str, x_prev, attn):
 def image_state(model, params, image, layer_ids: Sequence[int], pos_interp: str = "antialias"):
   """One image forward. image [H, W, 3] -> (emb [E] un-normalised CLS embedding,
   {l: (x_prev [N, W], attn [heads, N, N])} for l in layer_ids)."""
+  model = common.explicit_attention(model)
   emb, aux = model.apply({"params": params}, image, method="encode_image", pos_interp=pos_interp)
   blocks = aux["blocks"]
   state = {}

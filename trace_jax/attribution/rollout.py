@@ -51,6 +51,7 @@ def image_state(model, params, images, *, start_layer: int = 0, head_fusion: str
   [H, W, 3]) -> {'emb' [n, E] (un-normalised, for the pairs' scores), 'grid' [n, gh, gw] raw rollout
   row}."""
   images = common.as_images(images)
+  model = common.explicit_attention(model)   # the probabilities come from this plain forward
   emb, aux = model.apply({"params": params}, images, method="encode_image", pos_interp=pos_interp)
   start = common.resolve_layer(start_layer, model.cfg.vision.layers)
   r = rollout_matrix([b["attn"] for b in aux["blocks"]], start, head_fusion)
@@ -77,7 +78,7 @@ def prompt_maps(model, params, state: dict, targets, image_hw: tuple[int, int], 
     if ids is None:
       raise ValueError("text=True needs token ids (a query vector has no tokens)")
     ids = common.as_ids(ids)
-    _, taux = model.apply({"params": params}, ids, method="encode_text")
+    _, taux = common.explicit_attention(model).apply({"params": params}, ids, method="encode_text")
     rt = rollout_matrix([b["attn"] for b in taux["blocks"]],
                         common.resolve_layer(start_layer_text, model.cfg.text.layers), head_fusion)
     t = jnp.take_along_axis(rt, taux["eot"][:, None, None], axis=1)[:, 0]  # [T, L]
