@@ -96,12 +96,15 @@ def _cell(p: dict | None) -> list[str]:
           f"{100 * p['mfu_bound']:.1f}"]
 
 
+def _row_plans(done: dict, key: str) -> list[dict]:
+  """A row's own plan and the cells its search compiled (plan dicts)."""
+  return [r["plan"] for (k, kind), r in done.items() if k == key and (kind == "plan" or kind.startswith("cell "))]
+
+
 def _best(done: dict, key: str) -> dict | None:
-  """The fastest plan that fits among a row's own plan and its searched cells (re-ranked here, so
-  that ``--flops`` counts, which move the step times, are taken into account)."""
-  plans = [r["plan"] for (k, kind), r in done.items()
-           if k == key and (kind == "plan" or kind.startswith("cell ")) and r["plan"]["fits"]]
-  return min(plans, key=lambda p: p["step_time_s"], default=None)
+  """The fastest plan that fits among ``_row_plans`` (re-ranked here, so that ``--flops`` counts,
+  which move the step times, are taken into account)."""
+  return min((p for p in _row_plans(done, key) if p["fits"]), key=lambda p: p["step_time_s"], default=None)
 
 
 def markdown(done: dict) -> str:
@@ -149,18 +152,12 @@ def search_markdown(done: dict) -> str:
     if (key, "search") not in done:
       continue
     best = _best(done, key)
-    cells = {tuple(r["plan"]["mesh"]) + (r["plan"]["options"]["remat"],): r["plan"] for (k, kind), r in done.items()
-             if k == key and (kind == "plan" or kind.startswith("cell "))}
-    for i, (cell, p) in enumerate(sorted(cells.items(), key=lambda kv: (kv[0][3], kv[0][0]))):
+    plans = sorted(_row_plans(done, key), key=lambda p: (p["options"]["remat"], tuple(p["mesh"])))
+    for i, p in enumerate(plans):
       b = "**" if p is best else ""
       name = f"{row[0]} {row[1]} {row[2]}" if i == 0 else ""
-      if not p["compiled"]:
-        vals = [f"no (>= {p['bytes_per_chip'] / 2 ** 30:.1f})", "—", "—", "—", "—"]
-      else:
-        vals = ["yes" if p["fits"] else "no", f"{p['bytes_per_chip'] / 2 ** 30:.2f}", _tflops(p),
-                f"{p['step_time_s'] * 1e3:.0f}", f"{100 * p['mfu_bound']:.1f}"]
-      lines.append("| " + " | ".join([name, f"{b}{' x '.join(map(str, cell[:3]))}{b}", f"{b}{cell[3]}{b}"] +
-                                     [f"{b}{v}{b}" for v in vals]) + " |")
+      cols = [" x ".join(map(str, p["mesh"])), p["options"]["remat"]] + _cell(p)
+      lines.append("| " + " | ".join([name] + [f"{b}{v}{b}" for v in cols]) + " |")
   return "\n".join(lines)
 
 
@@ -186,7 +183,7 @@ def tools_markdown(done: dict) -> str:
   return "\n".join(lines)
 
 
-def _fill_flops(done: dict, cache: str, devices: dict) -> None:
+def _fill_flops(done: dict, record, devices: dict) -> None:
   """Every cached compiled plan (rows, searched cells, tools) gets its jaxpr FLOP counts and the
   roofline they imply (``plan.count_flops``), appended to the cache as an updated record."""
   from trace_jax.cli import plan as cli
@@ -214,9 +211,7 @@ def _fill_flops(done: dict, cache: str, devices: dict) -> None:
     print(f"{key} {kind}: model {plan.model_flops_per_chip / 1e12:.2f}, hardware {plan.hw_flops_per_chip / 1e12:.2f} "
           f"TFLOP/chip (XLA {plan.flops_per_chip / 1e12:.2f}); MFU bound {100 * plan.mfu_bound:.1f} % "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    rec = {**rec, "plan": plan.row()}
-    _append(cache, rec)
-    done[(key, kind)] = rec
+    record(key, {**rec, "plan": plan.row()})
 
 
 def main() -> int:
@@ -251,9 +246,11 @@ def main() -> int:
       yield row, os.path.join(ROOT, CONFIGS[objective]), devices.setdefault(topo, plan_lib.topology(topo)), topo
 
   def record(row, rec):
-    rec = {"key": _key(row), **rec}
+    """Append ``rec`` for ``row`` (a ROWS tuple or a cache key) to the cache and to ``done``."""
+    key = row if isinstance(row, str) else _key(row)
+    rec = {**rec, "key": key}
     _append(args.cache, rec)
-    done[(_key(row), rec["kind"])] = rec
+    done[(key, rec["kind"])] = rec
 
   for row, config, devs, topo in pending("plan"):
     p = cli.plan_train(config, _sets(row[0]), devs, topo, batch=BATCH, mesh=(1, len(devs), 1), tool=TOOL)
@@ -289,7 +286,7 @@ def main() -> int:
       record(key, {"kind": "tool", "plan": p.row()})
     print(tools_markdown(done))
   if args.flops:
-    _fill_flops(done, args.cache, devices)
+    _fill_flops(done, record, devices)
     print(tools_markdown(done))
   print(markdown(done))
   print(costs_markdown(done))

@@ -15,7 +15,6 @@ Prints a table, writes ``eval.json`` and a gallery ``gallery_<method>.png`` of o
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np

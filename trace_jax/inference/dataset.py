@@ -23,7 +23,6 @@ and ``.npz`` files are written with fixed zip timestamps (``write_npz``; ``numpy
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 import zipfile
@@ -45,11 +44,6 @@ def process_share(num_shards: int, process_index: int | None = None,
   return list(range(process_index, num_shards, process_count))
 
 
-def write_atomic(path: str, data: bytes) -> str:
-  """``data`` -> ``path`` atomically (trace_jax/atomic.py)."""
-  return atomic.write_bytes(path, data)
-
-
 def npz_bytes(arrays: dict) -> bytes:
   """The bytes of an ``.npz`` (readable by ``np.load``) with fixed zip timestamps: equal arrays give
   equal bytes, unlike ``np.savez``, which stamps the time of writing."""
@@ -68,11 +62,11 @@ def npz_bytes(arrays: dict) -> bytes:
 
 
 def write_npz(path: str, arrays: dict) -> str:
-  return write_atomic(path, npz_bytes(arrays))
+  return atomic.write_bytes(path, npz_bytes(arrays))
 
 
 def write_json(path: str, obj) -> str:
-  return write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+  return atomic.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def shard_path(out_dir: str, prefix: str, j: int) -> str:

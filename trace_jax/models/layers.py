@@ -132,8 +132,10 @@ class MultiHeadAttention(nn.Module):
   def uses_fused(self) -> bool:
     """``attention='fused'`` takes ``jax.nn.dot_product_attention`` (no probabilities materialised,
     cuDNN flash attention on GPU) only where nothing reads the probabilities: a call without a
-    ``'perturbations'`` collection. Every attribution method (and AMC's GradCAM) applies the model
-    with perturbations (attribution/common.encode_vjp), so it always gets the explicit path."""
+    ``'perturbations'`` collection. GradCAM (AMC's too), Chefer and saliency apply the model with
+    perturbations (attribution/common.encode_vjp); rollout, LeGrad and MaskInversion read the
+    probabilities of a plain forward and rebuild the model explicit first
+    (attribution/common.explicit_attention). A plain forward here returns None for them."""
     if self.attention == "explicit":
       return False
     return not (self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "attn"))

@@ -150,21 +150,24 @@ def batch_shapes(cfg, batch: int) -> dict:
 
 
 def compile_plan(jitted, args: tuple, mesh, topology_name: str, *, batch: int, options: dict,
-                 cost_of=None) -> Plan:
+                 cost_of=None, count_hw_flops: bool = False) -> Plan:
   """Lower + compile ``jitted(*args)`` (``ShapeDtypeStruct`` args carrying their shardings on ``mesh``)
   for the topology's chips; per-chip memory and cost (any step: train, embed, explain, invert).
 
   ``cost_of``: None (FLOPs / HBM bytes from this program's cost analysis) or a callable returning
   the (flops, bytes accessed) per chip to use instead (XLA counts a while-loop body once: see
   ``compile_train_step``); it runs only when the program compiled. An over-HBM program is a plan
-  that does not fit (``compiled`` False, the bytes XLA:TPU said it needs); other errors raise."""
+  that does not fit (``compiled`` False, the bytes XLA:TPU said it needs); other errors raise.
+  ``count_hw_flops``: also count the program's FLOPs from the jaxpr traced for this compile
+  (``flops.py``; no second trace) into ``hw_flops_per_chip``."""
   chip = chip_of(topology_name)
   plan = Plan(topology_name, chip, tuple(int(mesh.shape[a]) for a in mesh_lib.AXES), batch, dict(options),
               False, hbm_bytes=CHIPS[chip]["hbm_bytes"])
   t0 = time.perf_counter()
   try:
     with jax.set_mesh(mesh):
-      compiled = jitted.lower(*args).compile()
+      traced = jitted.trace(*args)
+      compiled = traced.lower().compile()
   except Exception as e:  # noqa: BLE001 - XLA:TPU reports an over-HBM program as a compile error
     plan.compile_s = time.perf_counter() - t0
     oom = _parse_oom(str(e))
@@ -174,6 +177,8 @@ def compile_plan(jitted, args: tuple, mesh, topology_name: str, *, batch: int, o
     return plan
   plan.compile_s = time.perf_counter() - t0
   plan.compiled = True
+  if count_hw_flops:
+    plan.hw_flops_per_chip = flops_lib.count_jaxpr(traced.jaxpr) / mesh.devices.size
   mem = compiled.memory_analysis()
   plan.argument_bytes = float(mem.argument_size_in_bytes)
   plan.output_bytes = float(mem.output_size_in_bytes)
@@ -253,20 +258,23 @@ def compile_train_step(task, config, devices, topology_name: str, *, batch: int,
       return microbatches * plain.flops_per_chip, microbatches * plain.hbm_accessed_per_chip
   options = dict(step="train", remat=task.cfg.remat, scan_layers=task.cfg.scan_layers,
                  attention=task.cfg.attention, dtype=task.cfg.dtype, microbatches=microbatches)
-  plan = compile_plan(step, (state, b), mesh, topology_name, batch=batch, options=options, cost_of=cost_of)
+  plan = compile_plan(step, (state, b), mesh, topology_name, batch=batch, options=options, cost_of=cost_of,
+                      count_hw_flops=model_task is not False)
   if plan.compiled and model_task is not False:
-    count_flops(plan, task, config, devices, model_task)
+    count_flops(plan, task, config, devices, model_task)   # hardware FLOPs already counted from the compile's trace
   return plan
 
 
 def count_flops(plan: Plan, task, config, devices, model_task=None) -> Plan:
-  """Fill ``plan``'s jaxpr FLOP counts (hardware: ``task``'s step as planned; model: ``model_task``'s,
-  the same objective with remat off, default ``task``) and its roofline; per chip = global / chips.
-  Tracing only, no compile: a cached plan gets its counts in seconds (benchmarks/plan_table.py)."""
+  """Fill ``plan``'s jaxpr FLOP counts (hardware: ``task``'s step as planned, unless the plan has
+  them from its compile's trace; model: ``model_task``'s, the same objective with remat off, default
+  ``task``) and its roofline; per chip = global / chips. Tracing only, no compile: a cached plan gets
+  its counts in seconds (benchmarks/plan_table.py --flops)."""
   mesh = mesh_lib.make_mesh(*plan.mesh, devices=devices)
   n = mesh.devices.size
-  microbatches = int(plan.options.get("microbatches", 1))
-  plan.hw_flops_per_chip = train_step_flops(task, config, mesh, batch=plan.batch, microbatches=microbatches) / n
+  if not plan.hw_flops_per_chip:
+    microbatches = int(plan.options.get("microbatches", 1))
+    plan.hw_flops_per_chip = train_step_flops(task, config, mesh, batch=plan.batch, microbatches=microbatches) / n
   plan.model_flops_per_chip = (plan.hw_flops_per_chip if model_task is None else
                                train_step_flops(model_task, config, mesh, batch=plan.batch) / n)
   return roofline(plan)
