@@ -32,6 +32,6 @@ demo: $(VENV)/.core
 	$(BIN)/python evaluate.py --config configs/demo.py --checkpoint runs/demo
 
 test: $(VENV)/.test chromium
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 .PHONY: demo test chromium

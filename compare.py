@@ -76,10 +76,12 @@ def time_step(config, n: int = 3) -> float:
 def objectives_table(rows: dict, seed: int) -> str:
   cols = [("gradcam", "pointing_game"), ("patch_similarity", "pointing_game"), ("gradcam", "patch_miou"),
           ("patch_similarity", "patch_miou"), ("local_slots", "patch_miou")]
-  head = f"{'model':<17}" + "".join(f"{(m + ' ' + k.replace('_game', '').replace('pointing', 'PG')):>26}" for m, k in cols)
+  labels = [m + " " + k.replace("_game", "").replace("pointing", "PG") for m, k in cols]
+  w = max(map(len, labels)) + 2          # every header keeps a gap to its neighbour
+  head = f"{'model':<17}" + "".join(f"{label:>{w}}" for label in labels)
   lines = [f"seed {seed}, test split", head, "-" * len(head)]
   for name, r in rows.items():
-    cells = [f"{100 * r[m][k]:>25.1f}%" if m in r else f"{'-':>26}" for m, k in cols]
+    cells = [f"{100 * r[m][k]:>{w - 1}.1f}%" if m in r else f"{'-':>{w}}" for m, k in cols]
     lines.append(f"{name:<17}" + "".join(cells))
   return "\n".join(lines)
 

@@ -3,6 +3,7 @@ then evaluate.py on its checkpoint (subprocesses, as a user runs them)."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,10 @@ def test_compare_py_prints_the_table(tmp_path):
   lines = p.stdout.strip().splitlines()
   top = lines.index("seed 0, test split")       # after the dataset build's messages
   rows = {l.split()[0]: l for l in lines[top + 3:]}
+  # every header stands apart from its neighbours (a header wider than its column once ran into the next)
+  assert re.split(r"\s{2,}", lines[top + 1].strip()) == [
+      "model", "gradcam PG", "patch_similarity PG", "gradcam patch_miou", "patch_similarity patch_miou",
+      "local_slots patch_miou"], lines[top + 1]
   assert set(rows) == {"contrastive", "amc", "local_alignment"}
   res = json.load(open(tmp_path / "cmp" / "compare.json"))
   assert res["seed"] == 0 and set(res["results"]) == set(rows)
