@@ -104,7 +104,8 @@ def _row_plans(done: dict, key: str) -> list[dict]:
 def _best(done: dict, key: str) -> dict | None:
   """The fastest plan that fits among ``_row_plans`` (re-ranked here, so that ``--flops`` counts,
   which move the step times, are taken into account)."""
-  return min((p for p in _row_plans(done, key) if p["fits"]), key=lambda p: p["step_time_s"], default=None)
+  return min((p for p in _row_plans(done, key) if p["fits"]), key=lambda p: (p["step_time_s"], p["bytes_per_chip"]),
+             default=None)   # a tie (compute-bound, same FLOPs): the plan with more HBM left, as cli.search ranks
 
 
 def markdown(done: dict) -> str:

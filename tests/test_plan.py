@@ -254,3 +254,9 @@ def test_search_ranks_plans_that_fit(devices, tmp_path, monkeypatch):
                             known=known)
   assert plans2 == known and seen2 == []
   assert [p.mesh for p in fit2] == [p.mesh for p in fit]
+  # a tie on estimated time (compute-bound plans of the same FLOPs) ranks the plan with fewer bytes per chip first
+  a, b = (plan_lib.Plan.from_row(json.loads(json.dumps(p.row()))) for p in fit)
+  b.step_time_s, b.bytes_per_chip = a.step_time_s, a.bytes_per_chip / 2
+  _, tied = cli.search(path, sets, devices, "v5e:2x2", batch=64, meshes=[a.mesh, b.mesh], remats=("none",),
+                       attentions=("explicit",), microbatches=(1,), known=[a, b])
+  assert tied == [b, a]

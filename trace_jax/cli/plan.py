@@ -142,8 +142,9 @@ def plan_train(config_path: str, sets: list[str], devices, topology: str, *, bat
 def search(config_path: str, sets: list[str], devices, topology: str, *, batch: int, meshes=None,
            remats=REMATS, attentions=ATTENTIONS, microbatches=MICROBATCHES, on_plan=None, known=()):
   """Compile every (mesh, remat, attention, microbatches) of the space -> (all plans, the plans that
-  fit ranked by estimated step time, fastest first). A mesh / microbatch count that does not divide
-  the batch is skipped (reported on stderr); ``on_plan(plan)`` is called after each compile.
+  fit ranked by estimated step time, fastest first; a tie goes to the fewer bytes per chip). A mesh /
+  microbatch count that does not divide the batch is skipped (reported on stderr); ``on_plan(plan)``
+  is called after each compile.
   ``known``: plans already compiled for this config, batch and topology (``Plan.cell`` says where
   they sit in the space), taken instead of compiling those points again."""
   meshes = list(meshes) if meshes is not None else _candidates(len(devices))
@@ -165,7 +166,8 @@ def search(config_path: str, sets: list[str], devices, topology: str, *, batch: 
     plans.append(p)
     if on_plan is not None:
       on_plan(p)
-  return plans, sorted((p for p in plans if p.fits), key=lambda p: p.step_time_s)
+  # equal estimated times (compute-bound plans of the same FLOPs): the one with more HBM left ranks first
+  return plans, sorted((p for p in plans if p.fits), key=lambda p: (p.step_time_s, p.bytes_per_chip))
 
 
 def _abstract(tree, shardings):
