@@ -6,36 +6,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import json  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-JIT_CACHE = "JAX_COMPILATION_CACHE_DIR"
-
-
-def pytest_configure(config):
-  """One persistent compilation cache for the whole run, made by the controlling process: xdist's
-  workers and every process a test starts (train.py, the 2-process runs, compare.py) inherit it
-  through the environment, so a program compiled by one of them (the same tiny model's state init,
-  train step or explain program; a resumed run's step) is loaded, not compiled again, by the others.
-  Removed at the end; a cache the caller set is used as it is. A positive size limit makes jax take
-  its file lock around every read and write (several processes share the folder)."""
-  if hasattr(config, "workerinput") or os.environ.get(JIT_CACHE):
-    return
-  config._trace_jax_jit_cache = tempfile.mkdtemp(prefix="trace_jax_tests_jit_")
-  os.environ[JIT_CACHE] = config._trace_jax_jit_cache
-  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
-
-
-def pytest_unconfigure(config):
-  path = getattr(config, "_trace_jax_jit_cache", None)
-  if path:
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def pytest_collection_modifyitems(config, items):
   """The longest files first (tests/durations.json: seconds per file measured in CI), so that with
   ``-n 2 --dist loadfile --no-loadscope-reorder`` (make test) no long file starts last while the
