@@ -77,7 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
       debug_step_sleep=0.0,           # debug_step_sleep: seconds slept per step (tests of pre-emption only)
       microbatches=1))                # gradient accumulation over this many microbatches (docs/scaling.md)
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True, export_model=True))
+  # replica_parallel_min_bytes: a replicated shard is written split across its replicas only where each
+  # replica's slice has at least this many bytes (trace_jax/training/checkpointing.py; 0: orbax's default)
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=3, async_save=True, export_model=True,
+                                                replica_parallel_min_bytes=2**20))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.distributed = False               # jax.distributed.initialize() (multi-host); env TRACE_JAX_DISTRIBUTED=1 too

@@ -3,7 +3,7 @@
     python tests/_multiprocess_worker.py SPEC_JSON
 
 SPEC: {"process_id", "num_processes", "port", "devices", "runs": [{"workdir", "loss", "mesh": [d, f, t],
-"steps", "out", "sets": {KEY: VALUE} config overrides, ...}]}. Each process sees ``devices`` emulated CPU devices; with num_processes > 1 it
+"steps", "out", "cache": compilation cache root (optional), "sets": {KEY: VALUE} config overrides, ...}]}. Each process sees ``devices`` emulated CPU devices; with num_processes > 1 it
 joins ``jax.distributed`` at 127.0.0.1:port with gloo CPU collectives, so the mesh spans every
 process' devices. Each run goes through train.py's ``run`` (the real loop: this process' rows of each
 batch, orbax checkpoints, pre-emption, export by process 0); then the final params are gathered and
@@ -51,6 +51,12 @@ def make_config(run: dict):
   c.train.log_every = 1
   c.train.progress = False
   c.train.debug_step_sleep = run.get("sleep", 0.0)
+  # one cache per process count: a later launch of the same program (the pre-emption test's resumed
+  # and reference runs) loads it instead of compiling it again. (Process 1 cannot load process 0's
+  # executable through jax_share_binary_between_hosts on CPU: each process' CPU topology fingerprint,
+  # part of the cache key, differs.)
+  if run.get("cache"):
+    c.train.compilation_cache_dir = os.path.join(run["cache"], f"{spec['num_processes']}-processes")
   c.checkpoint.every_steps = run.get("every", 1000)
   c.checkpoint.async_save = False
   c.optim.schedule, c.optim.lr, c.optim.eps = "constant", 1e-3, 1e-4

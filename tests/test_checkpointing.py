@@ -2,7 +2,8 @@
 SIGKILL reaches bit-identical parameters, SIGTERM triggers a save.
 
 The subprocess runs use train.py on random data with a 1-layer tiny model on the 8 emulated
-devices (XLA_FLAGS from tests/conftest.py is inherited) and share a compilation cache.
+devices (XLA_FLAGS from tests/conftest.py is inherited, with tests/fast_compile.py's optimisation level 0)
+and share a compilation cache.
 """
 import json
 import os
@@ -14,6 +15,8 @@ import time
 import jax
 import numpy as np
 import pytest
+
+import fast_compile
 
 from configs import common
 from trace_jax import objectives
@@ -58,6 +61,35 @@ def test_save_restore_round_trip_exact(tmp_path):
   ckpt.close()
 
 
+def test_replica_parallel_threshold(tmp_path, caplog):
+  """checkpoint.replica_parallel_min_bytes: a shard replicated over the data axis (2 replicas) is cut
+  into per-replica slices (one compiled slice program per shape) only at or above the threshold;
+  either way the checkpoint restores exactly. Shapes of this test only (no other test compiled
+  their slices in this process)."""
+  import logging
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = mesh_lib.make_mesh(2, 4)
+  tree = {f"w{i}": jax.device_put(np.arange(8 * (37 + i), dtype=np.float32).reshape(8, 37 + i) / 7,
+                                  NamedSharding(mesh, P("fsdp"))) for i in range(2)}
+  slices = {}
+  try:
+    for min_bytes in (0, 2 ** 20):
+      ck.set_replica_parallel_min_bytes(min_bytes)
+      ckpt = ck.Checkpointer(str(tmp_path / f"ck{min_bytes}"), async_save=False)
+      caplog.clear()
+      with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        ckpt.save(1, tree)
+      slices[min_bytes] = sum("jit(slice)" in r.getMessage() or "Compiling slice" in r.getMessage()
+                              for r in caplog.records)
+      restored, _ = ckpt.restore(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree))
+      for k in tree:
+        np.testing.assert_array_equal(np.asarray(restored[k]), np.asarray(tree[k]))
+      ckpt.close()
+  finally:
+    ck.set_replica_parallel_min_bytes(common.get_config().checkpoint.replica_parallel_min_bytes)
+  assert slices[0] >= 2 and slices[2 ** 20] == 0, slices
+
+
 def _cmd(workdir, cache, *extra):
   return [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs/contrastive.py"),
           "--workdir", str(workdir), "--config.data.name=random", "--config.data.image_size=32",
@@ -96,17 +128,19 @@ def test_sigkill_and_resume_reaches_same_params(tmp_path):
   steps = 24
   ref, run = tmp_path / "ref", tmp_path / "run"
   common = [f"--config.train.steps={steps}", "--config.checkpoint.every_steps=4"]
-  subprocess.run(_cmd(ref, cache, *common), check=True, capture_output=True, timeout=600)
+  subprocess.run(_cmd(ref, cache, *common), check=True, capture_output=True, timeout=600,
+                 env=fast_compile.env())
   # Killed run: slowed down so that it is killed half way, after at least one checkpoint.
   p = subprocess.Popen(_cmd(run, cache, *common, "--config.train.debug_step_sleep=0.2"),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=fast_compile.env())
   _wait_for(lambda: any(s >= 8 for s in _steps(run)), p)
   p.send_signal(signal.SIGKILL)
   p.wait()
   assert p.returncode == -signal.SIGKILL
   killed_at = _steps(run)
   assert killed_at and max(killed_at) < steps, killed_at
-  out = subprocess.run(_cmd(run, cache, *common), check=True, capture_output=True, timeout=600)
+  out = subprocess.run(_cmd(run, cache, *common), check=True, capture_output=True, timeout=600,
+                 env=fast_compile.env())
   assert f"resumed from {os.path.join(run, 'checkpoints')}/{max(killed_at)}" in out.stderr.decode()
   a, meta_a = _final_params(ref, steps)
   b, meta_b = _final_params(run, steps)
@@ -124,7 +158,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
   run = tmp_path / "run"
   p = subprocess.Popen(_cmd(run, tmp_path / "jax_cache", "--config.train.steps=100000",
                             "--config.checkpoint.every_steps=100000", "--config.train.debug_step_sleep=0.05"),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=fast_compile.env())
   metrics = run / "metrics.jsonl"
   _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, p)
   assert _steps(run) == []

@@ -9,12 +9,15 @@ import sys
 
 import pytest
 
+import fast_compile
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = "train=64,validation=8,test=32,heldout=8,openvocab=8"
 
 
 def _run(*args, check=True):
-  p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+  p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                     env=fast_compile.env())
   if check and p.returncode != 0:
     raise AssertionError(f"{args[0]} failed ({p.returncode}):\n{p.stderr[-4000:]}")
   return p
@@ -74,7 +77,8 @@ def test_compare_py_prints_the_table(tmp_path):
   """The issue-5 comparison command end to end on a tiny budget: three runs, one table, compare.json."""
   data = tmp_path / "data"
   sets = [f"data.data_dir={data}", f"data.split_sizes={SIZES}", "data.batch_size=16", "optim.warmup_steps=1",
-          "eval.num_examples=16", "eval.batch_size=16", "eval.gallery=0", "train.progress=false"]
+          "eval.num_examples=16", "eval.batch_size=16", "eval.gallery=0", "train.progress=false",
+          "model.preset=tiny"]   # the command and its table, not the model, are under test
   p = _run("compare.py", "--workdir", str(tmp_path / "cmp"), "--steps", "2", *sum((["--set", s] for s in sets), []))
   lines = p.stdout.strip().splitlines()
   top = lines.index("seed 0, test split")       # after the dataset build's messages

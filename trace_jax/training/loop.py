@@ -207,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task, source, *, mesh
 def _train_locked(config, workdir, task, source, mesh):
   total = int(config.train.steps)
   tx, schedule = state_lib.make_optimizer(config.optim, total, task.trainable)
+  ckpt_lib.set_replica_parallel_min_bytes(config.checkpoint.replica_parallel_min_bytes)
   is_main = jax.process_index() == 0
   ckpt_dir = os.path.join(workdir, "checkpoints")
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=config.checkpoint.keep,
