@@ -47,10 +47,13 @@ def devices():
 
 
 def _config(**model):
+  """The tiny preset with one block per tower unless ``model`` says otherwise: each block more costs
+  the libtpu compile ~35 % here, and what these tests check does not need depth (those that do set it)."""
   c = common.get_config()
   c.data.name, c.data.image_size, c.data.batch_size = "random", 32, 32
   c.data.context_length, c.data.vocab_size = 8, 1000
   c.model.preset = "tiny"
+  c.model.vision_layers, c.model.text_layers = 1, 1
   for k, v in model.items():
     c.model[k] = v
   return c
@@ -98,11 +101,12 @@ def test_plan_memory_and_flops_scale_with_batch(devices):
 
 @pytest.mark.slow
 def test_plan_scan_layers_and_remat_show_their_memory(devices):
-  """4-layer towers, 65 image tokens (64 px / 8), batch 512: with the batch split at every block
-  boundary the saved activations (attention probabilities, MLP hidden) dominate the temporaries, and
-  remat=block keeps only each block's input (measured: temporaries 116 MiB plain, 31 MiB remat=block;
-  FLOPs +25 %)."""
-  deep = dict(vision_layers=4, text_layers=4, image_size=64)
+  """A 4-block image tower (65 tokens: 64 px / 8; one text block, 8 tokens: little to save, and each
+  block costs compile time), batch 512: with the batch split at every block boundary the saved
+  activations (attention probabilities, MLP hidden) dominate the temporaries, and remat=block keeps
+  only each block's input (measured: temporaries 100 MiB plain, 25 MiB remat=block; FLOPs +25 %)."""
+  vl, tl = 4, 1
+  deep = dict(vision_layers=vl, text_layers=tl, image_size=64)
   plain = _plan(devices, 512, **deep)
   scanned = _plan(devices, 512, scan_layers=True, cost_plan=plain, **deep)   # plain: its XLA cost, not compiled again
   with pytest.raises(ValueError, match="cost_plan must be the plain"):
@@ -118,13 +122,13 @@ def test_plan_scan_layers_and_remat_show_their_memory(devices):
   # (mlp_proj: its backward needs its input, not its output, so JAX's remat does not recompute it)
   assert scanned.hw_flops_per_chip == plain.hw_flops_per_chip == plain.model_flops_per_chip > 0
   assert remat.model_flops_per_chip == plain.model_flops_per_chip
-  blocks = lambda rows, n, w: rows * 4 * (3 * 2 * n * w * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * n * w * 4 * w)
-  extra = (blocks(512, 1 + (64 // 8) ** 2, 64) + blocks(512, 8, 32)) / 4      # per chip of 4
+  blocks = lambda rows, n, w, l: rows * l * (3 * 2 * n * w * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * n * w * 4 * w)
+  extra = (blocks(512, 1 + (64 // 8) ** 2, 64, vl) + blocks(512, 8, 32, tl)) / 4      # per chip of 4
   assert remat.hw_flops_per_chip - plain.hw_flops_per_chip == extra
 
 
 def test_plan_reports_oversized_config_as_not_fitting(devices):
-  p = _plan(devices, 64, mesh=(4, 1, 1), vision_width=6144, text_width=4096)
+  p = _plan(devices, 64, mesh=(4, 1, 1), vision_width=6144, text_width=4096, vision_layers=2, text_layers=2)
   assert not p.fits and p.bytes_per_chip > p.hbm_bytes
   from trace_jax.training import plan as plan_lib
   assert "DOES NOT FIT" in plan_lib.format_plan(p)
@@ -136,7 +140,7 @@ def test_plan_command_line(tmp_path):
   cfg = tmp_path / "cfg.py"
   cfg.write_text("from configs import common\n\ndef get_config():\n  c = common.get_config()\n"
                  "  c.data.name, c.data.image_size, c.data.context_length = 'random', 32, 8\n"
-                 "  c.model.preset = 'tiny'\n  return c\n")
+                 "  c.model.preset = 'tiny'\n  c.model.vision_layers = c.model.text_layers = 1\n  return c\n")
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   out = subprocess.run([sys.executable, "-m", "trace_jax.cli", "plan", "--config", str(cfg), "--topology",
                         "v5e:2x2", "--batch", "32", "--mesh", "2,2,1", "--set", "model.remat=block",
@@ -157,21 +161,23 @@ def test_block_batch_constraint_lowers_planned_temporaries(devices, monkeypatch)
   constraint (measured: 0.0 vs 19.7 MiB of temporaries; ViT-B/16 at batch 32k on v5e:16x16 with
   remat=block: 4.7 vs 49.7 GiB, docs/scaling.md)."""
   from trace_jax.models import layers
-  on = _plan(devices, 64, mesh=(1, 4, 1))
+  deep = dict(vision_layers=2, text_layers=2)
+  on = _plan(devices, 64, mesh=(1, 4, 1), **deep)
   monkeypatch.setattr(layers, "constrain_batch", lambda x: x)   # the model without the constraint
-  off = _plan(devices, 64, mesh=(1, 4, 1))
+  off = _plan(devices, 64, mesh=(1, 4, 1), **deep)
   print("temporaries with / without the constraint:", on.temp_bytes, off.temp_bytes)
   assert on.compiled and off.compiled
   assert on.temp_bytes < off.temp_bytes and on.bytes_per_chip < off.bytes_per_chip
   assert on.flops_per_chip <= 1.05 * off.flops_per_chip
 
 
-def _base_config(tmp_path):
-  """The tiny config file of the command tests."""
+def _base_config(tmp_path, vision_layers=1):
+  """The tiny config file of the command tests (one text block; LeGrad's default layers need 2 vision blocks)."""
   cfg = tmp_path / "cfg.py"
   cfg.write_text("from configs import common\n\ndef get_config():\n  c = common.get_config()\n"
                  "  c.data.name, c.data.image_size, c.data.context_length = 'random', 32, 8\n"
-                 "  c.model.preset = 'tiny'\n  return c\n")
+                 f"  c.model.preset = 'tiny'\n  c.model.vision_layers, c.model.text_layers = {vision_layers}, 1\n"
+                 "  return c\n")
   return str(cfg)
 
 
@@ -183,7 +189,7 @@ def test_plan_inference_steps(devices, tmp_path):
   10 and 20 steps measured equal before the loop-unrolled cost compile)."""
   from trace_jax.cli import plan as cli
   from trace_jax.training import plan as plan_lib
-  config = cli._config(_base_config(tmp_path), [])
+  config = cli._config(_base_config(tmp_path, vision_layers=2), [])
   p = {}
   for step, batch, kw in (("embed", 32, {}), ("embed", 64, {}), ("explain", 32, {}),
                           ("invert", 8, dict(masks=2, inv_steps=2)), ("invert", 8, dict(masks=2, inv_steps=4))):
