@@ -7,7 +7,8 @@
 ``--config.key=value`` overrides any key of the config (an unknown key is an error that names it).
 Re-running with the same ``--workdir`` resumes from the latest checkpoint. Multi-host: pass
 ``--distributed`` (or set TRACE_JAX_DISTRIBUTED=1) on every host; the cluster environment (or
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) tells ``jax.distributed`` the rest.
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, read by training/mesh.py) tells
+``jax.distributed`` the rest.
 See docs/training.md.
 """
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
     python tests/_multiprocess_worker.py SPEC_JSON
 
-SPEC: {"process_id", "num_processes", "port", "devices", "runs": [{"workdir", "loss", "mesh": [d, f, t],
-"steps", "out", "cache": compilation cache root (optional), "sets": {KEY: VALUE} config overrides, ...}]}. Each process sees ``devices`` emulated CPU devices; with num_processes > 1 it
-joins ``jax.distributed`` at 127.0.0.1:port with gloo CPU collectives, so the mesh spans every
-process' devices. Each run goes through train.py's ``run`` (the real loop: this process' rows of each
-batch, orbax checkpoints, pre-emption, export by process 0); then the final params are gathered and
-process 0 writes them to ``out`` (.npz, keys = tree paths).
+SPEC: {"process_id", "num_processes", "devices", "runs": [{"workdir", "loss", "mesh": [d, f, t], "steps",
+"out", "cache": compilation cache root (optional), "sets": {KEY: VALUE} config overrides, ...}]}. Each
+process sees ``devices`` emulated CPU devices; with num_processes > 1 it joins ``jax.distributed``
+through the documented launch (``maybe_initialize_distributed`` reading TRACE_JAX_DISTRIBUTED,
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, which the test sets) with gloo CPU
+collectives, so the mesh spans every process' devices. Each run goes through train.py's ``run`` (the
+real loop: this process' rows of each batch, orbax checkpoints, pre-emption, export by process 0);
+then the final params are gathered and process 0 writes them to ``out`` (.npz, keys = tree paths).
 """
 import json
 import os
@@ -25,10 +27,12 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-if spec["num_processes"] > 1:
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}",
-                             num_processes=spec["num_processes"], process_id=spec["process_id"],
-                             initialization_timeout=120)
+from trace_jax.training import mesh as mesh_lib  # noqa: E402
+
+# The documented launch (docs/scaling.md, train.py --distributed): the test's Launch sets
+# TRACE_JAX_DISTRIBUTED, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID per process.
+assert mesh_lib.maybe_initialize_distributed() == (spec["num_processes"] > 1)
+assert (jax.process_count(), jax.process_index()) == (spec["num_processes"], spec["process_id"])
 
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
@@ -83,7 +87,10 @@ def main():
     if jax.process_index() == 0:
       flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(params)}
       tmp = run["out"] + ".tmp.npz"
-      np.savez(tmp, __step__=np.asarray(step), **flat)
+      # which process holds each device of the run's mesh (the test checks which axes cross processes)
+      mesh = jax.tree.leaves(state.params)[0].sharding.mesh
+      procs = np.vectorize(lambda d: d.process_index)(mesh.devices)
+      np.savez(tmp, __step__=np.asarray(step), __processes__=procs, **flat)
       os.replace(tmp, run["out"])
     print(f"process {jax.process_index()}: {run['loss']} mesh {run['mesh']} done at step {step}", flush=True)
   return 0

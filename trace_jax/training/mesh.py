@@ -15,20 +15,59 @@ import numpy as np
 AXES = ("data", "fsdp", "tensor")
 
 
+def _env_int(name: str) -> int | None:
+  v = os.environ.get(name, "").strip()
+  if not v:
+    return None
+  try:
+    n = int(v)
+  except ValueError:
+    raise ValueError(f"env var {name}={v!r} is not an integer") from None
+  if n < 0:
+    raise ValueError(f"env var {name}={v!r} must be >= 0")
+  return n
+
+
+def distributed_args() -> dict:
+  """The ``jax.distributed.initialize`` arguments the environment sets explicitly.
+
+  jax 0.10 reads ``JAX_COORDINATOR_ADDRESS`` (and ``JAX_LOCAL_DEVICE_IDS``) itself but not the process
+  count or id: off a managed cluster (Cloud TPU, SLURM, GKE, whose ids it detects) those come from
+  ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, read here. Unset ones are left to jax's cluster
+  detection."""
+  args = {}
+  if (n := _env_int("JAX_NUM_PROCESSES")) is not None:
+    if n == 0:
+      raise ValueError("env var JAX_NUM_PROCESSES='0': a run needs at least one process")
+    args["num_processes"] = n
+  if (i := _env_int("JAX_PROCESS_ID")) is not None:
+    args["process_id"] = i
+  if ("num_processes" in args) != ("process_id" in args):
+    raise ValueError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, on a cluster jax detects); "
+                     f"got {args}")
+  if args and args["process_id"] >= args["num_processes"]:
+    raise ValueError(f"JAX_PROCESS_ID={args['process_id']} must be < JAX_NUM_PROCESSES={args['num_processes']}")
+  if (t := _env_int("TRACE_JAX_DISTRIBUTED_TIMEOUT")) is not None:
+    args["initialization_timeout"] = t
+  return args
+
+
 def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
-  """Call ``jax.distributed.initialize()`` for a multi-host run.
+  """Call ``jax.distributed.initialize`` for a multi-host run.
 
   Enabled by ``enabled=True`` (``train.py --distributed``) or the env var ``TRACE_JAX_DISTRIBUTED=1``;
-  the coordinator / process ids come from the cluster environment (SLURM, TPU pods, Kubernetes
-  GKE, ...) or from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``, which
-  ``jax.distributed.initialize`` reads itself. Must run before any other JAX call. Returns whether
-  it initialised.
+  the coordinator / process ids come from the cluster environment (Cloud TPU, SLURM, GKE, ...) or from
+  ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0; jax reads it), ``JAX_NUM_PROCESSES`` and
+  ``JAX_PROCESS_ID`` (read by ``distributed_args``); ``TRACE_JAX_DISTRIBUTED_TIMEOUT`` (seconds, jax's
+  default 300) bounds the wait for the other processes. Must run before any other JAX call. Returns
+  whether it initialised.
   """
   if enabled is None:
     enabled = os.environ.get("TRACE_JAX_DISTRIBUTED", "0") not in ("", "0", "false", "False")
   if not enabled:
     return False
-  jax.distributed.initialize()
+  if not jax.distributed.is_initialized():   # idempotent: the CLI may run several commands in one process
+    jax.distributed.initialize(**distributed_args())
   return True
 
 
