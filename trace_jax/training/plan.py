@@ -44,8 +44,9 @@ from trace_jax.training import step as step_lib
 
 GiB = 1024 ** 3
 
-# Published per-chip peaks (Google Cloud TPU documentation, "TPU v4" / "TPU v5e" / "TPU v5p" /
-# "TPU v6e" system-architecture pages): dense bf16 FLOP/s, HBM capacity (bytes) and bandwidth (bytes/s).
+# Published per-chip peaks (Google Cloud TPU documentation, system-architecture pages
+# https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e): dense bf16 FLOP/s, HBM capacity
+# (bytes) and bandwidth (bytes/s).
 CHIPS = {
     "v4": dict(bf16_flops=275e12, hbm_bytes=32 * GiB, hbm_bw=1228e9),
     "v5e": dict(bf16_flops=197e12, hbm_bytes=16 * GiB, hbm_bw=819e9),
