@@ -7,7 +7,8 @@ leave room for a compiler that fuses the recomputation differently); scan and fu
 reorder float32 sums (max |Δgrad| ≈ 5e-7 of the largest gradient): asserted to 1e-5 of it, losses
 to rtol 1e-5. Gradient accumulation of a per-row-mean loss: the same gradient to 1e-5 of the
 largest. bfloat16 vs float32 on the same step: loss rtol 2e-2, gradients 5e-2 of the largest
-(bf16 has 8 mantissa bits; attention logits, softmax and LayerNorm stay float32).
+(bf16 has 8 mantissa bits; attention logits, softmax and LayerNorm stay float32; measured and printed:
+loss 1.7e-3 relative, gradients 2.0e-2 of the largest).
 """
 import flax.linen as nn
 import jax
@@ -219,6 +220,9 @@ def test_microbatches_sharded_split_and_config_check():
 def test_bfloat16_step_close_to_float32():
   l0, g0, p0 = _reference("contrastive")
   l, g, _ = _loss_and_grads(_config(dtype="bfloat16"), p0)
+  top = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(g0))
+  err = max(float(np.max(np.abs(np.asarray(a, np.float32) - b))) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)))
+  print(f"bf16 vs f32: loss rel {abs(l - l0) / abs(l0):.2e}, max |dgrad| {err / top:.2e} of the largest")
   np.testing.assert_allclose(l, l0, rtol=2e-2)
   _assert_grads_close(jax.tree.map(lambda x: np.asarray(x, np.float32), g), g0, 5e-2)
 
