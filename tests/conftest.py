@@ -23,6 +23,22 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: -seconds.get(os.path.basename(str(item.path)), 0.0))   # stable: in-file order kept
 
 
+@pytest.fixture(autouse=True)
+def _compilation_cache_scoped_to_its_test():
+  """A test that trains in-process with ``train.compilation_cache_dir`` sets jax's persistent cache, a
+  process-wide setting, for every later test of its worker; one such leak crashed a CI worker (a segfault in
+  jax's ``executable.serialize`` while caching an unrelated test's program). Restored after each test, and
+  jax's cache object reset, so the cache is only live in the tests that ask for it (those sharing a
+  directory still share its entries on disk)."""
+  import jax
+  before = jax.config.jax_compilation_cache_dir
+  yield
+  if jax.config.jax_compilation_cache_dir != before:
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", before)
+    compilation_cache.reset_cache()
+
+
 _FILE_SECONDS: dict[str, float] = {}
 
 
