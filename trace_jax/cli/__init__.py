@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
   prog = "trace-jax" + (f" {argv[0]}" if argv and argv[0] in COMMANDS else "")
   try:
     args = parser.parse_args(argv)
-    if os.environ.get("TRACE_JAX_DISTRIBUTED", "0") not in ("", "0", "false", "False"):
-      # a multi-host dataset command: every host runs the same line (docs/scaling.md, docs/inference.md)
-      from trace_jax.training import mesh as mesh_lib
-      mesh_lib.maybe_initialize_distributed(True)
+    # TRACE_JAX_DISTRIBUTED=1: a multi-host dataset command, every host runs the same line
+    # (docs/scaling.md, docs/inference.md); the env var is read in one place, mesh.distributed_requested
+    from trace_jax.training import mesh as mesh_lib
+    mesh_lib.maybe_initialize_distributed()
     return int(importlib.import_module(args._module).run(args) or 0)
   except _bad_input_types() as e:
     if os.environ.get("TRACE_JAX_TRACEBACK"):

@@ -52,6 +52,11 @@ def distributed_args() -> dict:
   return args
 
 
+def distributed_requested() -> bool:
+  """Whether the environment asks for a multi-host run: ``TRACE_JAX_DISTRIBUTED`` set and not 0/false."""
+  return os.environ.get("TRACE_JAX_DISTRIBUTED", "0") not in ("", "0", "false", "False")
+
+
 def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
   """Call ``jax.distributed.initialize`` for a multi-host run.
 
@@ -63,7 +68,7 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
   whether it initialised.
   """
   if enabled is None:
-    enabled = os.environ.get("TRACE_JAX_DISTRIBUTED", "0") not in ("", "0", "false", "False")
+    enabled = distributed_requested()
   if not enabled:
     return False
   if not jax.distributed.is_initialized():   # idempotent: the CLI may run several commands in one process
