@@ -61,24 +61,27 @@ def _config(**model):
   return c
 
 
-_PLANS = {}   # (batch, mesh, model options) -> Plan: the plain deep plan is shared by two tests; a test that
-              # patches the model compiles through _compile, which this memo does not key on
+_PLANS = {}   # (batch, mesh, model options) -> Plan of the unpatched model
 
 
-def _plan(devices, batch, mesh=(2, 2, 1), cost_plan=None, **model):
-  key = (batch, tuple(mesh), id(cost_plan), tuple(sorted(model.items())))
+def _plan(devices, batch, mesh=(2, 2, 1), **model):
+  """The plain plan of the unpatched model, compiled once per module: the deep batch-512 plan is the
+  baseline of two tests. A plan that depends on anything else (a cost_plan, microbatches, a test's
+  monkeypatch of the model code) compiles through ``_compile``, which keeps nothing."""
+  key = (batch, tuple(mesh), tuple(sorted(model.items())))
   if key not in _PLANS:
-    _PLANS[key] = _compile(devices, batch, mesh, cost_plan, **model)
+    _PLANS[key] = _compile(devices, batch, mesh, **model)
   return _PLANS[key]
 
 
-def _compile(devices, batch, mesh, cost_plan, **model):
+def _compile(devices, batch, mesh=(2, 2, 1), cost_plan=None, microbatches=1, **model):
   from trace_jax.training import plan as plan_lib
   config = _config(**model)
   cost = objectives.make(_config(**{**model, "scan_layers": False}), INFO) if model.get("scan_layers") else None
   plain = objectives.make(_config(**{**model, "remat": "none"}), INFO) if model.get("remat") else None
   return plan_lib.compile_train_step(objectives.make(config, INFO), config, devices, "v5e:2x2", batch=batch,
-                                     mesh_shape=mesh, cost_task=cost, model_task=plain, cost_plan=cost_plan)
+                                     mesh_shape=mesh, microbatches=microbatches, cost_task=cost, model_task=plain,
+                                     cost_plan=cost_plan)
 
 
 def test_plan_memory_and_flops_scale_with_batch(devices):
@@ -122,13 +125,12 @@ def test_plan_scan_layers_and_remat_show_their_memory(devices):
   activations (attention probabilities, MLP hidden) dominate the temporaries, and remat=block keeps
   only each block's input (measured: temporaries 100 MiB plain, 25 MiB remat=block; FLOPs +25 %)."""
   vl, tl = DEEP["vision_layers"], DEEP["text_layers"]
-  deep = DEEP
-  plain = _plan(devices, 512, **deep)
-  scanned = _plan(devices, 512, scan_layers=True, cost_plan=plain, **deep)   # plain: its XLA cost, not compiled again
+  plain = _plan(devices, 512, **DEEP)
+  scanned = _compile(devices, 512, scan_layers=True, cost_plan=plain, **DEEP)   # plain: its XLA cost, not compiled again
   with pytest.raises(ValueError, match="cost_plan must be the plain"):
-    _plan(devices, 256, scan_layers=True, cost_plan=plain, **deep)
+    _compile(devices, 256, scan_layers=True, cost_plan=plain, **DEEP)
   assert scanned.compiled and scanned.flops_per_chip == pytest.approx(plain.flops_per_chip, rel=1e-6)
-  remat = _plan(devices, 512, remat="block", **deep)
+  remat = _plan(devices, 512, remat="block", **DEEP)
   print({k: (p.temp_bytes, p.flops_per_chip) for k, p in (("plain", plain), ("scan", scanned), ("remat", remat))})
   assert remat.compiled and remat.flops_per_chip > plain.flops_per_chip      # the recomputed forward
   assert remat.temp_bytes < plain.temp_bytes                                  # fewer saved activations
@@ -180,7 +182,7 @@ def test_block_batch_constraint_lowers_planned_temporaries(devices, monkeypatch)
   deep = dict(vision_layers=2, text_layers=2)
   on = _plan(devices, 64, mesh=(1, 4, 1), **deep)
   monkeypatch.setattr(layers, "constrain_batch", lambda x: x)   # the model without the constraint
-  off = _compile(devices, 64, (1, 4, 1), None, **deep)   # not _plan: its memo would return `on`
+  off = _compile(devices, 64, (1, 4, 1), **deep)   # not _plan: the patched model must compile anew
   print("temporaries with / without the constraint:", on.temp_bytes, off.temp_bytes)
   assert on.compiled and off.compiled
   assert on.temp_bytes < off.temp_bytes and on.bytes_per_chip < off.bytes_per_chip
@@ -294,14 +296,11 @@ def test_plan_microbatches_and_fused_attention_show_their_memory(devices):
   on TPU it saves no memory (no TPU kernel: XLA's own implementation, benchmarks/RESULTS.md), which the
   plan shows rather than this test asserting a saving (measured: temporaries 105 MiB plain and fused,
   17 MiB microbatches=4)."""
-  deep = DEEP
-  plain = _plan(devices, 512, **deep)
-  small = _plan(devices, 128, **deep)
   from trace_jax.training import plan as plan_lib
-  config = _config(**deep)
-  mb = plan_lib.compile_train_step(objectives.make(config, INFO), config, devices, "v5e:2x2", batch=512,
-                                   mesh_shape=(2, 2, 1), microbatches=4, cost_plan=small)
-  fused = _plan(devices, 512, attention="fused", **deep)
+  plain = _plan(devices, 512, **DEEP)
+  small = _plan(devices, 128, **DEEP)
+  mb = _compile(devices, 512, microbatches=4, cost_plan=small, **DEEP)
+  fused = _plan(devices, 512, attention="fused", **DEEP)
   print({k: (p.temp_bytes, p.hw_flops_per_chip) for k, p in (("plain", plain), ("mb4", mb), ("fused", fused))})
   assert mb.compiled and mb.options["microbatches"] == 4
   assert mb.temp_bytes < 0.5 * plain.temp_bytes, (mb.temp_bytes, plain.temp_bytes)
