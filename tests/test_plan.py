@@ -15,7 +15,8 @@ topology on this CPU host (no TPU), tiny model.
   against the same step compiled without it;
 * ``--step embed|explain|invert``: the inference programs compile with the same report; their FLOPs
   scale with the batch, and MaskInversion's step loop is counted once per step (not once in all);
-* ``--search`` ranks the plans that fit by estimated step time and leaves out the one that does not.
+* ``--search`` ranks the plans that fit by estimated step time and leaves out the one that does not;
+* a mesh that no subset of a torus' physical axes matches (v5p 4x4x4, 4 x 8 x 2) is still built.
 """
 import json
 import os
@@ -143,6 +144,23 @@ def test_plan_scan_layers_and_remat_show_their_memory(devices):
   blocks = lambda rows, n, w, l: rows * l * (3 * 2 * n * w * w + 2 * 2 * n * n * w + 2 * n * w * w + 2 * n * w * 4 * w)
   extra = (blocks(512, 1 + (64 // 8) ** 2, 64, vl) + blocks(512, 8, 32, tl)) / 4      # per chip of 4
   assert remat.hw_flops_per_chip - plain.hw_flops_per_chip == extra
+
+
+def test_mesh_on_a_torus_whose_axes_do_not_multiply_to_the_mesh_axes():
+  """v5p:4x4x4 (64 chips) and mesh 4 x 8 x 2: no subset of the physical axes (4, 4, 4) multiplies to 8
+  or 2, so jax.make_mesh refuses; make_mesh splits the physical axes instead (the --search space has
+  tensor = 2 meshes on every topology). Where jax finds an assignment, make_mesh keeps it."""
+  _libtpu_or_skip()
+  from trace_jax.training import mesh as mesh_lib
+  from trace_jax.training import plan as plan_lib
+  devs = plan_lib.topology("v5p:4x4x4")
+  with pytest.raises(NotImplementedError):
+    jax.make_mesh((4, 8, 2), mesh_lib.AXES, devices=devs)
+  m = mesh_lib.make_mesh(4, 8, 2, devices=devs)
+  assert dict(m.shape) == {"data": 4, "fsdp": 8, "tensor": 2}
+  assert sorted(d.id for d in m.devices.flat) == sorted(d.id for d in devs)   # every chip once
+  kept = mesh_lib.make_mesh(4, 16, 1, devices=devs)
+  assert (kept.devices == jax.make_mesh((4, 16, 1), mesh_lib.AXES, devices=devs).devices).all()
 
 
 def test_plan_reports_oversized_config_as_not_fitting(devices):

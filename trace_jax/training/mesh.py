@@ -103,7 +103,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> j
   """
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(data, fsdp, tensor, len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+  types = (jax.sharding.AxisType.Auto,) * 3
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  except NotImplementedError:
+    # a TPU slice whose physical axes no subset of which multiplies to each mesh axis (v5p 4x4x4 and a
+    # mesh 4 x 8 x 2: 8 and 2 are not products of the 4s): split the physical axes, as jax would with
+    # allow_split_physical_axes. The mesh is valid; some collectives then cross a split torus axis.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, AXES, axis_types=types)
 
 
 def single_device_mesh(device=None) -> jax.sharding.Mesh:
