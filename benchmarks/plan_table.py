@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The #18 table of benchmarks/RESULTS.md: compiled TPU plans (``trace-jax plan``) of CLIP training steps.
 
-    nice -n 15 python benchmarks/plan_table.py [--budget-s 1800] [--rows 0,1,4] [--search] [--tools] \
+    nice -n 15 python benchmarks/plan_table.py [--budget-s 1800] [--rows 0,1,4] [--search] [--wide] [--tools] \
         [--cache benchmarks/plan_table.jsonl]
 
 Rows: ViT-B/16, ViT-L/14, ViT-H/14 CLIP x contrastive / AMC x v5e-256 (v5e:16x16, 256 chips) / v5p-128
@@ -13,7 +13,8 @@ many seconds. ``--search`` then runs ``trace-jax plan --search`` (cli/plan.searc
 (``SEARCH``) for the rows that have a plan, and records the fastest plan that fits; each compiled
 cell is cached too, so a killed search resumes without recompiling it (nor the row's own plan). Prints the Markdown
 table (rows not run say so). ``--flops`` adds to every cached plan the jaxpr FLOP counts (model /
-hardware, training/flops.py; tracing only) that the step times and MFU bounds are computed from. ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
+hardware, training/flops.py; tracing only) that the step times and MFU bounds are computed from. ``--wide``: one row (``WIDE_ROW``) searched
+beyond that space (``WIDE``: tensor > 1, fused attention, microbatches). ``--tools``: one step (``TOOLS_ROW``) compiled once per memory / speed
 tool, each alone (``TOOLS``), to show what each saves. Compiled estimates, not measurements
 (docs/scaling.md).
 """
@@ -46,9 +47,23 @@ TOOLS_ROW = ("ViT-B/16", "contrastive", "v5e:4x4", 2048)
 TOOLS = {"default": ({}, []), "remat=block": ({"remat": "block"}, []),
          "remat=dots_with_no_batch_dims_saveable": ({"remat": "dots_with_no_batch_dims_saveable"}, []),
          "scan_layers": ({}, ["model.scan_layers=True"]), "microbatches=4": ({"microbatches": 4}, []),
-         "attention=fused": ({"attention": "fused"}, [])}
+         "attention=fused": ({"attention": "fused"}, []),
+         # scan_layers is meant with remat (alone its scanned body keeps every layer's residuals): its
+         # XLA cost is remat=block's plain step, taken from that row's cached plan (no second compile)
+         "scan_layers + remat=block": ({"remat": "block"}, ["model.scan_layers=True"])}
+COST_PLAN = {"scan_layers + remat=block": "remat=block"}
 # --search: fsdp-heavy meshes (pure fsdp, and data x 16-way fsdp) x the two remat policies that save most
 SEARCH = dict(remats=("block", "dots_with_no_batch_dims_saveable"), attentions=("explicit",), microbatches=(1,))
+
+# --wide: one row (ViT-B/16 AMC on v5p-128: the quickest AMC row to compile, ~4 min a cell here) searched
+# beyond SEARCH, in three sub-spaces rather than their full product (48 cells): meshes with tensor > 1
+# and a data-heavy one (both remat policies), then fused attention and microbatches = 2 on the two
+# meshes SEARCH compared. Cached under their own key ("wide | <row>"): the main tables do not change.
+WIDE_ROW = ("ViT-B/16", "AMC", "v5p-128")
+WIDE = [dict(meshes=[(4, 8, 2), (1, 32, 2), (2, 8, 4), (16, 4, 1)], remats=SEARCH["remats"],
+             attentions=("explicit",), microbatches=(1,)),
+        dict(meshes=[(1, 64, 1), (4, 16, 1)], remats=SEARCH["remats"], attentions=("fused",), microbatches=(1,)),
+        dict(meshes=[(1, 64, 1), (4, 16, 1)], remats=SEARCH["remats"], attentions=("explicit",), microbatches=(2,))]
 
 
 def _sets(preset: str) -> list[str]:
@@ -162,6 +177,28 @@ def search_markdown(done: dict) -> str:
   return "\n".join(lines)
 
 
+def wide_markdown(done: dict) -> str:
+  """WIDE_ROW's cells: its --search cells and the --wide ones, ranked by estimated step time (fitting
+  plans first), the fastest in bold."""
+  plans = _row_plans(done, _key(WIDE_ROW)) + _row_plans(done, _key(("wide",) + WIDE_ROW))
+  rank = lambda p: (not p["fits"], p["step_time_s"] if p["compiled"] else float("inf"), p["bytes_per_chip"])
+  plans = sorted({tuple(_cell_of(p)): p for p in plans}.values(), key=rank)
+  lines = [f"{' '.join(WIDE_ROW)}, global batch {BATCH} ({len(plans)} plans):", "",
+           "| mesh | remat | attention | microbatches | fits | GiB / chip | TFLOP / chip (model / hw) "
+           "| est. step (ms) | MFU bound (%) |", "|---|---|---|---|---|---|---|---|---|"]
+  for i, p in enumerate(plans):
+    b = "**" if i == 0 and p["fits"] else ""
+    o = p["options"]
+    cols = [" x ".join(map(str, p["mesh"])), o["remat"], o["attention"], str(o["microbatches"])] + _cell(p)
+    lines.append("| " + " | ".join(f"{b}{v}{b}" for v in cols) + " |")
+  return "\n".join(lines)
+
+
+def _cell_of(p: dict) -> tuple:
+  o = p["options"]
+  return (tuple(p["mesh"]), o["remat"], o["attention"], int(o["microbatches"]))
+
+
 def tools_markdown(done: dict) -> str:
   """The --tools table: each tool alone against the default step (GiB per chip, temporaries, FLOPs)."""
   preset, objective, topo, batch = TOOLS_ROW
@@ -198,7 +235,7 @@ def _fill_flops(done: dict, record, devices: dict) -> None:
       preset, objective, topo, _ = TOOLS_ROW
       sets = _sets(preset) + TOOLS[key.split(" | ", 1)[1]][1]
     else:
-      preset, objective, sl = key.split(" | ")
+      preset, objective, sl = key.split(" | ")[-3:]   # a row's key, or "wide | " + WIDE_ROW's
       topo, sets = TOPOLOGIES[sl], _sets(preset)
     o = p["options"]
     tool = dict(remat=o["remat"], attention=o["attention"], microbatches=int(o["microbatches"]))
@@ -221,6 +258,8 @@ def main() -> int:
   ap.add_argument("--budget-s", type=float, default=1800.0, help="start no new compile after this many s")
   ap.add_argument("--rows", default=None, help="comma-separated row indices of ROWS (default: all, in order)")
   ap.add_argument("--search", action="store_true", help="also --search each row that has a plan")
+  ap.add_argument("--wide", action="store_true",
+                  help="also search WIDE_ROW beyond SEARCH (tensor > 1, fused attention, microbatches: WIDE)")
   ap.add_argument("--tools", action="store_true", help="also the one-tool-at-a-time table (TOOLS)")
   ap.add_argument("--flops", action="store_true",
                   help="add the jaxpr FLOP counts (model / hardware, training/flops.py) to every cached plan "
@@ -270,6 +309,21 @@ def main() -> int:
       plans, fit = cli.search(config, _sets(row[0]), devs, topo, batch=BATCH,
                               meshes=[(1, n, 1), (n // 16, 16, 1)], **SEARCH, on_plan=on_plan, known=known)
       record(row, {"kind": "search", "n": len(plans), "best": fit[0].row() if fit else None})
+  if args.wide:
+    preset, objective, sl = WIDE_ROW
+    topo, wide_key = TOPOLOGIES[sl], _key(("wide",) + WIDE_ROW)
+    devs = devices.setdefault(topo, plan_lib.topology(topo))
+    for space in WIDE:
+      # the row's plan, its --search cells and any --wide cell a killed run compiled are not compiled again
+      known = [plan_lib.Plan.from_row(p) for p in _row_plans(done, _key(WIDE_ROW)) + _row_plans(done, wide_key)]
+      if time.perf_counter() - t0 > args.budget_s:
+        print(f"budget spent: wide space {space} not run", file=sys.stderr)
+        continue
+      cli.search(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH, **space,
+                 on_plan=lambda p: (print(plan_lib.format_plan(p), flush=True),
+                                    record(wide_key, {"kind": f"cell {p.cell()}", "plan": p.row()})),
+                 known=known)
+    print(wide_markdown(done))
   if args.tools:
     preset, objective, topo, batch = TOOLS_ROW
     config = os.path.join(ROOT, CONFIGS[objective])
@@ -281,8 +335,10 @@ def main() -> int:
         print(f"budget spent: tool {name} not run", file=sys.stderr)
         continue
       devs = devices.setdefault(topo, plan_lib.topology(topo))
+      cached = done.get((_key(("tools", COST_PLAN.get(name, ""))), "tool"))
       p = cli.plan_train(config, _sets(preset) + sets, devs, topo, batch=batch, mesh=(1, len(devs), 1),
-                         tool={"remat": "none", "attention": "explicit", "microbatches": 1, **tool})
+                         tool={"remat": "none", "attention": "explicit", "microbatches": 1, **tool},
+                         cost_plan=plan_lib.Plan.from_row(cached["plan"]) if cached else None)
       print(name, "\n", plan_lib.format_plan(p), flush=True)
       record(key, {"kind": "tool", "plan": p.row()})
     print(tools_markdown(done))

@@ -129,14 +129,15 @@ def _train_setup(config_path: str, sets: list[str], tool: dict):
 
 
 def plan_train(config_path: str, sets: list[str], devices, topology: str, *, batch: int, mesh, tool: dict,
-               setup=None):
+               setup=None, cost_plan=None):
   """The train-step plan of the config with ``tool`` = {remat, attention, microbatches} applied
-  (``setup``: its :func:`_train_setup`, when the caller already built it)."""
+  (``setup``: its :func:`_train_setup`, when the caller already built it; ``cost_plan``: the plain
+  plan a scanned / microbatched one takes its XLA cost from, when the caller has it compiled)."""
   from trace_jax.training import plan as plan_lib
   config, task, cost_task, model_task = setup or _train_setup(config_path, sets, tool)
   return plan_lib.compile_train_step(task, config, devices, topology, batch=batch, mesh_shape=mesh,
                                      microbatches=int(tool["microbatches"]), cost_task=cost_task,
-                                     model_task=model_task)
+                                     model_task=model_task, cost_plan=cost_plan)
 
 
 def search(config_path: str, sets: list[str], devices, topology: str, *, batch: int, meshes=None,
