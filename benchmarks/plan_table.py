@@ -182,7 +182,8 @@ def wide_markdown(done: dict) -> str:
   plans first), the fastest in bold."""
   plans = _row_plans(done, _key(WIDE_ROW)) + _row_plans(done, _key(("wide",) + WIDE_ROW))
   rank = lambda p: (not p["fits"], p["step_time_s"] if p["compiled"] else float("inf"), p["bytes_per_chip"])
-  plans = sorted({tuple(_cell_of(p)): p for p in plans}.values(), key=rank)
+  from trace_jax.training import plan as plan_lib
+  plans = sorted({plan_lib.Plan.from_row(p).cell(): p for p in plans}.values(), key=rank)   # a cell once
   lines = [f"{' '.join(WIDE_ROW)}, global batch {BATCH} ({len(plans)} plans):", "",
            "| mesh | remat | attention | microbatches | fits | GiB / chip | TFLOP / chip (model / hw) "
            "| est. step (ms) | MFU bound (%) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -192,11 +193,6 @@ def wide_markdown(done: dict) -> str:
     cols = [" x ".join(map(str, p["mesh"])), o["remat"], o["attention"], str(o["microbatches"])] + _cell(p)
     lines.append("| " + " | ".join(f"{b}{v}{b}" for v in cols) + " |")
   return "\n".join(lines)
-
-
-def _cell_of(p: dict) -> tuple:
-  o = p["options"]
-  return (tuple(p["mesh"]), o["remat"], o["attention"], int(o["microbatches"]))
 
 
 def tools_markdown(done: dict) -> str:
@@ -313,6 +309,10 @@ def main() -> int:
     preset, objective, sl = WIDE_ROW
     topo, wide_key = TOPOLOGIES[sl], _key(("wide",) + WIDE_ROW)
     devs = devices.setdefault(topo, plan_lib.topology(topo))
+
+    def on_wide_plan(p):
+      print(plan_lib.format_plan(p), flush=True)
+      record(wide_key, {"kind": f"cell {p.cell()}", "plan": p.row()})
     for space in WIDE:
       # the row's plan, its --search cells and any --wide cell a killed run compiled are not compiled again
       known = [plan_lib.Plan.from_row(p) for p in _row_plans(done, _key(WIDE_ROW)) + _row_plans(done, wide_key)]
@@ -320,9 +320,7 @@ def main() -> int:
         print(f"budget spent: wide space {space} not run", file=sys.stderr)
         continue
       cli.search(os.path.join(ROOT, CONFIGS[objective]), _sets(preset), devs, topo, batch=BATCH, **space,
-                 on_plan=lambda p: (print(plan_lib.format_plan(p), flush=True),
-                                    record(wide_key, {"kind": f"cell {p.cell()}", "plan": p.row()})),
-                 known=known)
+                 on_plan=on_wide_plan, known=known)
     print(wide_markdown(done))
   if args.tools:
     preset, objective, topo, batch = TOOLS_ROW
